@@ -1,0 +1,525 @@
+//! The VM configuration: the JSON schema of `vmm --config FILE`, the command-line overrides, and
+//! the validation that turns user input into one clear error line naming the offending field.
+//!
+//! Every struct rejects unknown fields, so a typo in a config file is an error and never silently
+//! ignored. Field names are snake_case.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Highest vCPU count the configuration accepts. APIC ids are 8-bit in our MADT, and 255 is the
+/// broadcast id; KVM's own limit (`KVM_CAP_MAX_VCPUS`) is checked again when the VM is built.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Smallest guest memory the configuration accepts, in MiB. A Linux kernel with a small
+/// initramfs does not get to userspace with less.
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+/// Largest guest memory the configuration accepts, in MiB (1 TiB): beyond the guest physical
+/// address width we describe in CPUID on common hosts.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+
+/// The whole VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// vCPUs and memory.
+    #[serde(default)]
+    pub machine: MachineConfig,
+    /// What to boot.
+    #[serde(default)]
+    pub boot: BootConfig,
+    /// Where the 8250 serial port (COM1) is connected.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// What a guest reboot does.
+    #[serde(default)]
+    pub on_reboot: OnReboot,
+}
+
+/// vCPU count and guest memory size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1..=MAX_VCPUS.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+        }
+    }
+}
+
+/// Direct kernel boot: kernel image, optional initrd and command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// bzImage or ELF vmlinux. Required (from the file or `--kernel`).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio, optionally compressed).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `DEFAULT_CMDLINE` when absent.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+impl BootConfig {
+    /// The command line the guest gets.
+    pub fn cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", rename_all = "snake_case", try_from = "RawSerialConfig")]
+pub enum SerialConfig {
+    /// Guest output to our stdout, our stdin to the guest (raw mode on a terminal).
+    #[default]
+    Stdio,
+    /// Guest output appended to a file; no input.
+    File {
+        /// The file (created if missing).
+        path: PathBuf,
+    },
+    /// A unix socket we listen on; one client at a time gets the console both ways.
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// No serial port backend: output is dropped.
+    Off,
+}
+
+/// The on-disk shape of `serial`, checked field by field before it becomes a `SerialConfig`
+/// (serde's internally tagged enums would silently accept a `path` on `stdio`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSerialConfig {
+    mode: SerialMode,
+    #[serde(default)]
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum SerialMode {
+    Stdio,
+    File,
+    Socket,
+    Off,
+}
+
+impl TryFrom<RawSerialConfig> for SerialConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSerialConfig) -> Result<Self, String> {
+        match (raw.mode, raw.path) {
+            (SerialMode::Stdio, None) => Ok(SerialConfig::Stdio),
+            (SerialMode::Off, None) => Ok(SerialConfig::Off),
+            (SerialMode::File, Some(path)) => Ok(SerialConfig::File { path }),
+            (SerialMode::Socket, Some(path)) => Ok(SerialConfig::Socket { path }),
+            (SerialMode::Stdio | SerialMode::Off, Some(_)) => {
+                Err("`path` is only allowed with mode `file` or `socket`".into())
+            }
+            (SerialMode::File | SerialMode::Socket, None) => {
+                Err("mode `file` and `socket` need a `path`".into())
+            }
+        }
+    }
+}
+
+impl fmt::Display for SerialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialConfig::Stdio => write!(f, "stdio"),
+            SerialConfig::File { path } => write!(f, "file:{}", path.display()),
+            SerialConfig::Socket { path } => write!(f, "socket:{}", path.display()),
+            SerialConfig::Off => write!(f, "off"),
+        }
+    }
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    /// Parses the `--serial` flag: `stdio`, `off`, `file:PATH`, `socket:PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Invalid {
+            field: "serial",
+            reason: format!("`{s}` is not one of stdio, off, file:PATH, socket:PATH"),
+        };
+        match s.split_once(':') {
+            None if s == "stdio" => Ok(SerialConfig::Stdio),
+            None if s == "off" => Ok(SerialConfig::Off),
+            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File { path: p.into() }),
+            Some(("socket", p)) if !p.is_empty() => Ok(SerialConfig::Socket { path: p.into() }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What a guest-initiated reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReboot {
+    /// The VMM exits with status 0, as if the guest powered off.
+    #[default]
+    Exit,
+    /// The VM is reset and boots again.
+    Restart,
+}
+
+impl std::str::FromStr for OnReboot {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "exit" => Ok(OnReboot::Exit),
+            "restart" => Ok(OnReboot::Restart),
+            _ => Err(ConfigError::Invalid {
+                field: "on_reboot",
+                reason: format!("`{s}` is not one of exit, restart"),
+            }),
+        }
+    }
+}
+
+/// Errors from reading or validating a configuration. Each names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON is malformed, has an unknown field, or a value of the wrong type.
+    #[error("config file {path}: {field}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path of the field at fault (`.` for the top level).
+        field: String,
+        /// serde's description, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Dotted path of the field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl VmConfig {
+    /// Parses a JSON document. `path` is only used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: VmConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                field,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a JSON config file.
+    pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Checks value ranges and that the files named exist and are readable.
+    ///
+    /// `host_memory_mib` is the host's physical memory (None when unknown); a guest larger than
+    /// that is refused here rather than failing later with an opaque mmap error.
+    pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        let m = &self.machine;
+        if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Invalid {
+                field: "machine.vcpus",
+                reason: format!("{} is out of range (1..={MAX_VCPUS})", m.vcpus),
+            });
+        }
+        if m.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::Invalid {
+                field: "machine.memory_mib",
+                reason: format!(
+                    "{} MiB is too small: a Linux guest needs at least {MIN_MEMORY_MIB} MiB",
+                    m.memory_mib
+                ),
+            });
+        }
+        let limit = host_memory_mib.map_or(MAX_MEMORY_MIB, |h| h.min(MAX_MEMORY_MIB));
+        if m.memory_mib > limit {
+            return Err(ConfigError::Invalid {
+                field: "machine.memory_mib",
+                reason: format!(
+                    "{} MiB is larger than the host can map ({limit} MiB)",
+                    m.memory_mib
+                ),
+            });
+        }
+        let kernel = self.boot.kernel.as_ref().ok_or(ConfigError::Invalid {
+            field: "boot.kernel",
+            reason: "no kernel given (set boot.kernel or pass --kernel)".into(),
+        })?;
+        check_readable_file("boot.kernel", kernel)?;
+        if let Some(initrd) = &self.boot.initrd {
+            check_readable_file("boot.initrd", initrd)?;
+        }
+        if self.boot.cmdline().contains('\0') {
+            return Err(ConfigError::Invalid {
+                field: "boot.cmdline",
+                reason: "contains a NUL byte".into(),
+            });
+        }
+        match &self.serial {
+            SerialConfig::File { path } | SerialConfig::Socket { path }
+                if path.as_os_str().is_empty() =>
+            {
+                Err(ConfigError::Invalid {
+                    field: "serial.path",
+                    reason: "is empty".into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_readable_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { field, reason };
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(invalid(format!("{} is not a regular file", path.display())));
+    }
+    std::fs::File::open(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_json(s, Path::new("vm.json"))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"{"machine": {"vcpus": 2, "memory_mib": 256},
+                "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0"},
+                "serial": {"mode": "stdio"}, "on_reboot": "exit"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine.vcpus, 2);
+        assert_eq!(c.machine.memory_mib, 256);
+        assert_eq!(c.boot.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.boot.cmdline(), "console=ttyS0");
+        assert_eq!(c.serial, SerialConfig::Stdio);
+        assert_eq!(c.on_reboot, OnReboot::Exit);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.machine, MachineConfig::default());
+        assert_eq!(c.boot.cmdline(), DEFAULT_CMDLINE);
+        assert_eq!(c.on_reboot, OnReboot::Exit);
+    }
+
+    #[test]
+    fn serial_modes_parse() {
+        let c = parse(r#"{"serial": {"mode": "file", "path": "/tmp/x"}}"#).unwrap();
+        assert_eq!(
+            c.serial,
+            SerialConfig::File {
+                path: "/tmp/x".into()
+            }
+        );
+        let c = parse(r#"{"serial": {"mode": "socket", "path": "/tmp/s"}}"#).unwrap();
+        assert_eq!(
+            c.serial,
+            SerialConfig::Socket {
+                path: "/tmp/s".into()
+            }
+        );
+        let c = parse(r#"{"serial": {"mode": "off"}}"#).unwrap();
+        assert_eq!(c.serial, SerialConfig::Off);
+        assert!(parse(r#"{"serial": {"mode": "file"}}"#).is_err());
+        assert!(parse(r#"{"serial": {"mode": "tty"}}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let e = parse(r#"{"machine": {"vcpus": 2, "memroy_mib": 256}}"#).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("machine"), "{msg}");
+        assert!(msg.contains("unknown field `memroy_mib`"), "{msg}");
+        let e = parse(r#"{"bogus": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+        let e = parse(r#"{"serial": {"mode": "stdio", "path": "/x"}}"#).unwrap_err();
+        assert!(e.to_string().contains("`path` is only allowed"), "{e}");
+        assert!(e.to_string().contains("serial"), "{e}");
+        let e = parse(r#"{"serial": {"mode": "off", "speed": 9600}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `speed`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let e = parse(r#"{"machine": {"vcpus": "two"}}"#).unwrap_err();
+        assert!(e.to_string().contains("machine.vcpus"), "{e}");
+        let e = parse(r#"{"machine": {"vcpus": 300}}"#).unwrap_err();
+        assert!(e.to_string().contains("machine.vcpus"), "{e}");
+        let e = parse(r#"{"on_reboot": "halt"}"#).unwrap_err();
+        assert!(e.to_string().contains("on_reboot"), "{e}");
+    }
+
+    #[test]
+    fn malformed_json_is_an_error() {
+        let e = parse(r#"{"machine": {"vcpus": 2,}"#).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    fn valid_with_kernel() -> (VmConfig, tempfile_path::TempPath) {
+        let k = tempfile_path::TempPath::new("kernel");
+        let mut c = VmConfig::default();
+        c.boot.kernel = Some(k.path().to_path_buf());
+        (c, k)
+    }
+
+    #[test]
+    fn validation_ranges() {
+        let (mut c, _k) = valid_with_kernel();
+        c.validate(Some(4096)).unwrap();
+        c.machine.vcpus = 0;
+        assert!(c
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .starts_with("machine.vcpus"));
+        c.machine.vcpus = 255;
+        assert!(c.validate(None).is_err());
+        c.machine.vcpus = 2;
+        c.machine.memory_mib = 8;
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("machine.memory_mib") && e.contains("too small"),
+            "{e}"
+        );
+        c.machine.memory_mib = 8192;
+        let e = c.validate(Some(4096)).unwrap_err().to_string();
+        assert!(e.contains("larger than the host"), "{e}");
+    }
+
+    #[test]
+    fn validation_files() {
+        let mut c = VmConfig::default();
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(e.starts_with("boot.kernel: no kernel"), "{e}");
+        c.boot.kernel = Some("/nonexistent/kernel".into());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("boot.kernel: cannot read /nonexistent/kernel"),
+            "{e}"
+        );
+        c.boot.kernel = Some("/".into());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let (mut c, _k) = valid_with_kernel();
+        c.boot.initrd = Some("/nonexistent/initrd".into());
+        assert!(c
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .starts_with("boot.initrd"));
+    }
+
+    #[test]
+    fn serial_flag_parses() {
+        assert_eq!(
+            "stdio".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Stdio
+        );
+        assert_eq!("off".parse::<SerialConfig>().unwrap(), SerialConfig::Off);
+        assert_eq!(
+            "file:/a/b".parse::<SerialConfig>().unwrap(),
+            SerialConfig::File {
+                path: "/a/b".into()
+            }
+        );
+        assert_eq!(
+            "socket:/s".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Socket { path: "/s".into() }
+        );
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("pty".parse::<SerialConfig>().is_err());
+    }
+
+    /// A scratch file removed on drop (std only, no tempfile crate).
+    mod tempfile_path {
+        use std::path::{Path, PathBuf};
+
+        pub struct TempPath(PathBuf);
+
+        impl TempPath {
+            pub fn new(tag: &str) -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "api-test-{tag}-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                std::fs::write(&p, b"x").unwrap();
+                TempPath(p)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,825 @@
+//! Loading the guest kernel, initrd and command line into guest memory.
+//!
+//! Kernels are either a bzImage (64-bit boot protocol, entered at load address + 0x200) or an
+//! uncompressed ELF `vmlinux` (entered at its ELF entry point). Both are loaded by
+//! linux-loader at [`HIMEM_START`]-based addresses; this module detects the format, checks the
+//! image against guest memory first so that mistakes produce a clear message instead of a
+//! triple fault, and reports what the zero page needs.
+
+use std::io::{self, Read, Seek, SeekFrom};
+
+use linux_loader::bootparam::{setup_header, LOADED_HIGH, XLF_KERNEL_64};
+use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, EM_X86_64, PT_LOAD};
+use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryRegion, ReadVolatile,
+};
+
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
+
+/// Offset of the setup header in a bzImage.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+/// Offset of the 64-bit entry point from the bzImage's protected-mode load address.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// "HdrS": the setup header magic.
+const BZIMAGE_MAGIC: u32 = 0x5372_6448;
+/// Boot protocol 2.12: the first with `xloadflags` (and so with `XLF_KERNEL_64`).
+const MIN_BOOT_PROTOCOL: u16 = 0x020c;
+/// Boot protocol 2.06: the first with `cmdline_size`.
+const BOOT_PROTOCOL_CMDLINE_SIZE: u16 = 0x0206;
+/// Boot protocol 2.10: the first with `pref_address` and `init_size`.
+const BOOT_PROTOCOL_INIT_SIZE: u16 = 0x020a;
+/// `initrd_addr_max` assumed when the kernel does not say (protocol < 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// The initrd is placed on a page boundary.
+const INITRD_ALIGN: u64 = 0x1000;
+
+const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+const EI_CLASS: usize = 4;
+const ELFCLASS32: u8 = 1;
+const ELFCLASS64: u8 = 2;
+
+/// Errors while loading the kernel, the initrd or the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The kernel file could not be read.
+    #[error("failed to read the kernel image: {0}")]
+    ReadKernel(#[source] io::Error),
+    /// Neither a bzImage nor an ELF file.
+    #[error("not a Linux kernel image (no bzImage header and no ELF magic)")]
+    NotLinuxKernel,
+    /// A bzImage whose boot protocol predates 64-bit entry.
+    #[error(
+        "the bzImage uses boot protocol {}.{:02}; 2.12 or newer (Linux 3.8+) is required",
+        .0 >> 8,
+        .0 & 0xff
+    )]
+    BootProtocolTooOld(u16),
+    /// A bzImage without the 64-bit entry point.
+    #[error(
+        "the bzImage is a 32-bit-only kernel (XLF_KERNEL_64 not set); an x86_64 kernel is required"
+    )]
+    BzImageNot64Bit,
+    /// An old "zImage" that loads below 1 MiB.
+    #[error("the kernel is a zImage (not loaded high); a bzImage is required")]
+    ZImage,
+    /// An ELF image for 32-bit x86.
+    #[error("the kernel is a 32-bit ELF image; an x86_64 (ELF64) vmlinux is required")]
+    Elf32Bit,
+    /// An ELF image for another architecture.
+    #[error("the ELF kernel is for machine type {0}, not x86_64 ({EM_X86_64})")]
+    ElfWrongMachine(u16),
+    /// An ELF image with a malformed header.
+    #[error("the ELF kernel image is malformed: {0}")]
+    ElfMalformed(&'static str),
+    /// The ELF image is linked below 1 MiB.
+    #[error("the ELF kernel is linked at {0:#x}, below the 1 MiB where kernels are loaded")]
+    ElfBelowHimem(u64),
+    /// Guest memory does not have RAM at [`HIMEM_START`].
+    #[error("guest memory has no RAM at 1 MiB, where the kernel is loaded")]
+    NoHighMemory,
+    /// The kernel (or the memory it needs to decompress) does not fit in low RAM.
+    #[error(
+        "the kernel does not fit in guest memory: it needs RAM up to {needed:#x}, but RAM below \
+         the 3 GiB MMIO hole ends at {available:#x}; give the VM more memory"
+    )]
+    KernelTooBig {
+        /// End (exclusive) of what the kernel needs.
+        needed: u64,
+        /// End (exclusive) of usable low RAM.
+        available: u64,
+    },
+    /// linux-loader failed.
+    #[error("failed to load the kernel: {0}")]
+    Load(#[source] loader::Error),
+    /// The initrd file could not be read.
+    #[error("failed to read the initrd: {0}")]
+    ReadInitrd(#[source] io::Error),
+    /// The initrd file is empty.
+    #[error("the initrd file is empty")]
+    InitrdEmpty,
+    /// The initrd does not fit between the kernel and the highest address it may occupy.
+    #[error(
+        "the initrd ({size} bytes) does not fit in guest memory between the end of the kernel \
+         ({kernel_end:#x}) and {limit:#x}; give the VM more memory or use a smaller initrd"
+    )]
+    InitrdTooBig {
+        /// Size of the initrd.
+        size: u64,
+        /// Lowest address the initrd may use.
+        kernel_end: u64,
+        /// End (exclusive) of where the initrd may be.
+        limit: u64,
+    },
+    /// Copying the initrd into guest memory failed.
+    #[error("failed to copy the initrd into guest memory: {0}")]
+    WriteInitrd(#[source] GuestMemoryError),
+    /// The command line is longer than the kernel or our layout allows.
+    #[error("the kernel command line is {len} bytes long; at most {max} bytes are allowed")]
+    CmdlineTooLong {
+        /// Length of the command line.
+        len: usize,
+        /// Maximum length (without the terminating NUL).
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineHasNul,
+    /// Writing the command line to guest memory failed.
+    #[error("failed to write the kernel command line to guest memory: {0}")]
+    WriteCmdline(#[source] GuestMemoryError),
+}
+
+/// The format of a loaded kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A compressed bzImage, entered through its 64-bit entry point.
+    BzImage,
+    /// An uncompressed ELF vmlinux.
+    Elf,
+}
+
+/// What [`load_kernel`] loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelInfo {
+    /// Format of the kernel image.
+    pub format: KernelFormat,
+    /// 64-bit entry point (`rip` of the boot vCPU).
+    pub entry: GuestAddress,
+    /// Address the image was loaded at.
+    pub load_addr: GuestAddress,
+    /// End (exclusive) of the memory the kernel occupies or needs at boot: for a bzImage this
+    /// includes the area it decompresses into (`pref_address + init_size`), so anything placed
+    /// above it (the initrd) is safe.
+    pub kernel_end: GuestAddress,
+    /// The bzImage setup header, to be copied into the zero page; `None` for ELF.
+    pub setup_header: Option<setup_header>,
+    /// PVH entry point of an ELF kernel that advertises one (for a future PVH boot path).
+    pub pvh_entry: Option<GuestAddress>,
+}
+
+/// Where [`load_initrd`] put the initrd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitrdInfo {
+    /// Guest address of the initrd (page aligned).
+    pub addr: GuestAddress,
+    /// Size of the initrd in bytes.
+    pub size: usize,
+}
+
+/// Where [`load_cmdline`] put the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmdlineInfo {
+    /// Guest address of the command line.
+    pub addr: GuestAddress,
+    /// Size in bytes including the terminating NUL.
+    pub size: usize,
+}
+
+/// End (exclusive) of the RAM region that contains [`HIMEM_START`], capped at the MMIO hole.
+fn low_ram_end<M: GuestMemoryBackend>(mem: &M) -> Result<u64, LoaderError> {
+    let region = mem
+        .find_region(HIMEM_START)
+        .ok_or(LoaderError::NoHighMemory)?;
+    let end = region.start_addr().0.saturating_add(region.len());
+    Ok(end.min(MMIO_HOLE_START.0))
+}
+
+/// Reads as many bytes as are available, up to `buf.len()`.
+fn read_up_to<F: Read>(file: &mut F, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The first bytes of a kernel file and what they say it is.
+struct KernelHead {
+    buf: [u8; SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>()],
+    len: usize,
+    file_len: u64,
+    kind: Option<(KernelFormat, Option<setup_header>)>,
+}
+
+fn read_head<F: Read + Seek>(kernel: &mut F) -> Result<KernelHead, LoaderError> {
+    let file_len = kernel
+        .seek(SeekFrom::End(0))
+        .map_err(LoaderError::ReadKernel)?;
+    kernel.rewind().map_err(LoaderError::ReadKernel)?;
+    let mut buf = [0u8; SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>()];
+    let len = read_up_to(kernel, &mut buf).map_err(LoaderError::ReadKernel)?;
+    let kind = if buf[..len].starts_with(&ELF_MAGIC) {
+        Some((KernelFormat::Elf, None))
+    } else if len == buf.len() {
+        let mut hdr = setup_header::default();
+        hdr.as_mut_slice()
+            .copy_from_slice(&buf[SETUP_HEADER_OFFSET..]);
+        (hdr.header == BZIMAGE_MAGIC).then_some((KernelFormat::BzImage, Some(hdr)))
+    } else {
+        None
+    };
+    Ok(KernelHead {
+        buf,
+        len,
+        file_len,
+        kind,
+    })
+}
+
+/// Tells whether `kernel` looks like a bzImage or an ELF vmlinux, without loading it: lets the
+/// VMM reject a wrong file before it sets anything up. Full checks happen in [`load_kernel`].
+pub fn probe_kernel<F: Read + Seek>(kernel: &mut F) -> Result<KernelFormat, LoaderError> {
+    match read_head(kernel)?.kind {
+        Some((format, _)) => Ok(format),
+        None => Err(LoaderError::NotLinuxKernel),
+    }
+}
+
+/// Loads a bzImage or ELF vmlinux kernel from `kernel` into `mem`.
+///
+/// `kernel` is usually a `std::fs::File`; any seekable reader works.
+pub fn load_kernel<M, F>(mem: &M, kernel: &mut F) -> Result<KernelInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    let head = read_head(kernel)?;
+    match head.kind {
+        Some((KernelFormat::Elf, _)) => load_elf(mem, kernel, &head.buf[..head.len]),
+        Some((KernelFormat::BzImage, Some(hdr))) => load_bzimage(mem, kernel, hdr, head.file_len),
+        _ => Err(LoaderError::NotLinuxKernel),
+    }
+}
+
+fn load_bzimage<M, F>(
+    mem: &M,
+    kernel: &mut F,
+    hdr: setup_header,
+    file_len: u64,
+) -> Result<KernelInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    let version = hdr.version;
+    if version < MIN_BOOT_PROTOCOL {
+        return Err(LoaderError::BootProtocolTooOld(version));
+    }
+    if hdr.loadflags & LOADED_HIGH == 0 {
+        return Err(LoaderError::ZImage);
+    }
+    if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(LoaderError::BzImageNot64Bit);
+    }
+
+    // Check the fit before copying anything: both the image itself and the area the
+    // decompressor works in (pref_address + init_size) must be RAM.
+    let available = low_ram_end(mem)?;
+    let setup_sects = match hdr.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+    let image_end = HIMEM_START.0.saturating_add(payload);
+    let runtime_end = if version >= BOOT_PROTOCOL_INIT_SIZE {
+        let pref_address = hdr.pref_address;
+        pref_address.saturating_add(u64::from(hdr.init_size))
+    } else {
+        0
+    };
+    let needed = image_end.max(runtime_end);
+    if needed > available {
+        return Err(LoaderError::KernelTooBig { needed, available });
+    }
+
+    let result = BzImage::load(mem, Some(HIMEM_START), kernel, Some(HIMEM_START))
+        .map_err(LoaderError::Load)?;
+    Ok(KernelInfo {
+        format: KernelFormat::BzImage,
+        entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+        load_addr: result.kernel_load,
+        kernel_end: GuestAddress(result.kernel_end.max(runtime_end)),
+        setup_header: result.setup_header,
+        pvh_entry: None,
+    })
+}
+
+fn load_elf<M, F>(mem: &M, kernel: &mut F, head: &[u8]) -> Result<KernelInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    if head.len() > EI_CLASS && head[EI_CLASS] == ELFCLASS32 {
+        return Err(LoaderError::Elf32Bit);
+    }
+    let ehdr_len = std::mem::size_of::<Elf64_Ehdr>();
+    if head.len() < ehdr_len || head[EI_CLASS] != ELFCLASS64 {
+        return Err(LoaderError::ElfMalformed(
+            "truncated or unknown-class ELF header",
+        ));
+    }
+    let mut ehdr = Elf64_Ehdr::default();
+    ehdr.as_mut_slice().copy_from_slice(&head[..ehdr_len]);
+    if ehdr.e_machine != EM_X86_64 {
+        return Err(LoaderError::ElfWrongMachine(ehdr.e_machine));
+    }
+    if usize::from(ehdr.e_phentsize) != std::mem::size_of::<Elf64_Phdr>() {
+        return Err(LoaderError::ElfMalformed("unexpected program header size"));
+    }
+    if ehdr.e_entry < HIMEM_START.0 {
+        return Err(LoaderError::ElfBelowHimem(ehdr.e_entry));
+    }
+
+    // Find the extent of the loadable segments and check it against RAM before loading.
+    kernel
+        .seek(SeekFrom::Start(ehdr.e_phoff))
+        .map_err(LoaderError::ReadKernel)?;
+    let mut needed = 0u64;
+    for _ in 0..ehdr.e_phnum {
+        let mut phdr = Elf64_Phdr::default();
+        kernel
+            .read_exact(phdr.as_mut_slice())
+            .map_err(LoaderError::ReadKernel)?;
+        if phdr.p_type != PT_LOAD || phdr.p_filesz == 0 {
+            continue;
+        }
+        if phdr.p_paddr < HIMEM_START.0 {
+            return Err(LoaderError::ElfBelowHimem(phdr.p_paddr));
+        }
+        let end = phdr
+            .p_paddr
+            .checked_add(phdr.p_memsz.max(phdr.p_filesz))
+            .ok_or(LoaderError::ElfMalformed("segment end overflows"))?;
+        needed = needed.max(end);
+    }
+    if needed == 0 {
+        return Err(LoaderError::ElfMalformed("no loadable segment"));
+    }
+    let available = low_ram_end(mem)?;
+    if needed > available {
+        return Err(LoaderError::KernelTooBig { needed, available });
+    }
+
+    let result = Elf::load(mem, None, kernel, Some(HIMEM_START)).map_err(LoaderError::Load)?;
+    let pvh_entry = match result.pvh_boot_cap {
+        linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
+        _ => None,
+    };
+    Ok(KernelInfo {
+        format: KernelFormat::Elf,
+        entry: GuestAddress(ehdr.e_entry),
+        load_addr: result.kernel_load,
+        kernel_end: GuestAddress(result.kernel_end),
+        setup_header: None,
+        pvh_entry,
+    })
+}
+
+/// Loads the initrd from `initrd` page-aligned and as high as possible below
+/// min(end of low RAM, `initrd_addr_max` + 1 of the kernel (0x37ff_ffff + 1 if unknown)), and
+/// above `kernel_end`.
+pub fn load_initrd<M, F>(
+    mem: &M,
+    initrd: &mut F,
+    kernel_end: GuestAddress,
+    setup_header: Option<&setup_header>,
+) -> Result<InitrdInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    let size = initrd
+        .seek(SeekFrom::End(0))
+        .map_err(LoaderError::ReadInitrd)?;
+    initrd.rewind().map_err(LoaderError::ReadInitrd)?;
+    if size == 0 {
+        return Err(LoaderError::InitrdEmpty);
+    }
+
+    let addr_max = setup_header
+        .map(|h| h.initrd_addr_max)
+        .filter(|&max| max != 0)
+        .map_or(DEFAULT_INITRD_ADDR_MAX, u64::from);
+    let limit = low_ram_end(mem)?.min(addr_max.saturating_add(1));
+    let lowest = kernel_end
+        .0
+        .max(HIMEM_START.0)
+        .checked_next_multiple_of(INITRD_ALIGN)
+        .unwrap_or(u64::MAX);
+    let too_big = || LoaderError::InitrdTooBig {
+        size,
+        kernel_end: kernel_end.0,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_big)?;
+    let addr = addr - addr % INITRD_ALIGN;
+    if addr < lowest {
+        return Err(too_big());
+    }
+    let len = usize::try_from(size).map_err(|_| too_big())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
+        .map_err(|e| match e {
+            GuestMemoryError::IOError(io) => LoaderError::ReadInitrd(io),
+            other => LoaderError::WriteInitrd(other),
+        })?;
+    Ok(InitrdInfo {
+        addr: GuestAddress(addr),
+        size: len,
+    })
+}
+
+/// Largest command line (without the NUL) the kernel described by `setup_header` accepts and
+/// that fits at [`CMDLINE_START`]: min([`CMDLINE_MAX_SIZE`] - 1, the header's `cmdline_size`).
+pub fn max_cmdline_len(setup_header: Option<&setup_header>) -> usize {
+    let ours = CMDLINE_MAX_SIZE - 1;
+    match setup_header {
+        Some(h) if h.version >= BOOT_PROTOCOL_CMDLINE_SIZE => {
+            usize::try_from(h.cmdline_size).map_or(ours, |k| k.min(ours))
+        }
+        _ => ours,
+    }
+}
+
+/// Writes `cmdline` (plus a NUL) at [`CMDLINE_START`], after checking it against
+/// [`max_cmdline_len`].
+pub fn load_cmdline<M: GuestMemoryBackend>(
+    mem: &M,
+    cmdline: &str,
+    setup_header: Option<&setup_header>,
+) -> Result<CmdlineInfo, LoaderError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(LoaderError::CmdlineHasNul);
+    }
+    let max = max_cmdline_len(setup_header);
+    if cmdline.len() > max {
+        return Err(LoaderError::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
+    }
+    let mut bytes = Vec::with_capacity(cmdline.len() + 1);
+    bytes.extend_from_slice(cmdline.as_bytes());
+    bytes.push(0);
+    mem.write_slice(&bytes, CMDLINE_START)
+        .map_err(LoaderError::WriteCmdline)?;
+    Ok(CmdlineInfo {
+        addr: CMDLINE_START,
+        size: bytes.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use vm_memory::GuestMemoryMmap;
+
+    const MIB: usize = 1 << 20;
+
+    fn mem(size: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    fn header(version: u16, loadflags: u8, xloadflags: u16) -> setup_header {
+        setup_header {
+            setup_sects: 4,
+            boot_flag: 0xaa55,
+            header: BZIMAGE_MAGIC,
+            version,
+            loadflags,
+            xloadflags,
+            code32_start: 0x10_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            kernel_alignment: 0x20_0000,
+            relocatable_kernel: 1,
+            cmdline_size: 2047,
+            pref_address: 0x100_0000,
+            init_size: 0x40_0000,
+            ..Default::default()
+        }
+    }
+
+    fn bzimage(hdr: setup_header, payload_len: usize) -> Vec<u8> {
+        let setup_len = (usize::from(hdr.setup_sects) + 1) * 512;
+        let mut image = vec![0u8; setup_len + payload_len];
+        image[SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>()]
+            .copy_from_slice(hdr.as_slice());
+        for (i, b) in image[setup_len..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        image
+    }
+
+    fn good_bzimage() -> Vec<u8> {
+        bzimage(header(0x020f, LOADED_HIGH, XLF_KERNEL_64), 0x1234)
+    }
+
+    fn elf(class: u8, machine: u16, paddr: u64, memsz: u64) -> Vec<u8> {
+        let mut ehdr = Elf64_Ehdr::default();
+        ehdr.e_ident[..4].copy_from_slice(&ELF_MAGIC);
+        ehdr.e_ident[EI_CLASS] = class;
+        ehdr.e_ident[5] = 1; // little endian
+        ehdr.e_ident[6] = 1; // version
+        ehdr.e_type = 2;
+        ehdr.e_machine = machine;
+        ehdr.e_version = 1;
+        ehdr.e_entry = paddr;
+        ehdr.e_phoff = 64;
+        ehdr.e_ehsize = 64;
+        ehdr.e_phentsize = 56;
+        ehdr.e_phnum = 1;
+        let phdr = Elf64_Phdr {
+            p_type: PT_LOAD,
+            p_flags: 5,
+            p_offset: 0x1000,
+            p_vaddr: 0xffff_ffff_8000_0000 + paddr,
+            p_paddr: paddr,
+            p_filesz: 0x100,
+            p_memsz: memsz,
+            p_align: 0x1000,
+        };
+        let mut image = vec![0u8; 0x1100];
+        image[..64].copy_from_slice(ehdr.as_slice());
+        image[64..120].copy_from_slice(phdr.as_slice());
+        image[0x1000..].fill(0x90);
+        image
+    }
+
+    #[test]
+    fn loads_bzimage() {
+        let mem = mem(64 * MIB);
+        let image = good_bzimage();
+        let info = load_kernel(&mem, &mut Cursor::new(&image)).unwrap();
+        assert_eq!(info.format, KernelFormat::BzImage);
+        assert_eq!(info.load_addr, HIMEM_START);
+        assert_eq!(info.entry, GuestAddress(0x10_0200));
+        // The decompression area (16 MiB + 4 MiB) is beyond the image itself.
+        assert_eq!(info.kernel_end, GuestAddress(0x140_0000));
+        let hdr = info.setup_header.unwrap();
+        assert_eq!({ hdr.version }, 0x020f);
+        let mut payload = vec![0u8; 0x1234];
+        mem.read_slice(&mut payload, HIMEM_START).unwrap();
+        assert_eq!(payload, image[5 * 512..]);
+        assert!(info.pvh_entry.is_none());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let mem = mem(64 * MIB);
+        for image in [
+            vec![],
+            vec![0u8; 10],
+            vec![0u8; 0x200],
+            vec![0x55u8; 0x1000],
+        ] {
+            let err = load_kernel(&mem, &mut Cursor::new(&image)).unwrap_err();
+            assert!(matches!(err, LoaderError::NotLinuxKernel), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                "not a Linux kernel image (no bzImage header and no ELF magic)"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_unsuitable_bzimages() {
+        let mem = mem(64 * MIB);
+        let old = bzimage(header(0x0206, LOADED_HIGH, 0), 16);
+        let err = load_kernel(&mem, &mut Cursor::new(&old)).unwrap_err();
+        assert!(matches!(err, LoaderError::BootProtocolTooOld(0x0206)));
+        assert!(err.to_string().contains("2.06"), "{err}");
+
+        let only32 = bzimage(header(0x020f, LOADED_HIGH, 0), 16);
+        let err = load_kernel(&mem, &mut Cursor::new(&only32)).unwrap_err();
+        assert!(matches!(err, LoaderError::BzImageNot64Bit));
+        assert!(err.to_string().contains("32-bit"));
+
+        let zimage = bzimage(header(0x020f, 0, XLF_KERNEL_64), 16);
+        let err = load_kernel(&mem, &mut Cursor::new(&zimage)).unwrap_err();
+        assert!(matches!(err, LoaderError::ZImage));
+    }
+
+    #[test]
+    fn bzimage_too_big_for_memory() {
+        // 16 MiB of RAM cannot hold a kernel that decompresses at 16 MiB.
+        let small = mem(16 * MIB);
+        let err = load_kernel(&small, &mut Cursor::new(good_bzimage())).unwrap_err();
+        assert!(matches!(
+            err,
+            LoaderError::KernelTooBig {
+                needed: 0x140_0000,
+                available: 0x100_0000
+            }
+        ));
+        assert!(err.to_string().contains("more memory"));
+
+        // The image itself larger than RAM.
+        let mut hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+        hdr.init_size = 0;
+        hdr.pref_address = 0;
+        let image = bzimage(hdr, 2 * MIB);
+        let err = load_kernel(&mem(2 * MIB), &mut Cursor::new(image)).unwrap_err();
+        assert!(matches!(err, LoaderError::KernelTooBig { .. }));
+    }
+
+    #[test]
+    fn no_ram_at_1mib() {
+        let err = load_kernel(&mem(MIB), &mut Cursor::new(good_bzimage())).unwrap_err();
+        assert!(matches!(err, LoaderError::NoHighMemory));
+    }
+
+    #[test]
+    fn loads_elf() {
+        let mem = mem(64 * MIB);
+        let image = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 0x2000);
+        let info = load_kernel(&mem, &mut Cursor::new(&image)).unwrap();
+        assert_eq!(info.format, KernelFormat::Elf);
+        assert_eq!(info.entry, GuestAddress(0x100_0000));
+        assert_eq!(info.kernel_end, GuestAddress(0x100_2000));
+        assert!(info.setup_header.is_none());
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100_00ff)).unwrap(), 0x90);
+    }
+
+    #[test]
+    fn rejects_unsuitable_elves() {
+        let mem = mem(64 * MIB);
+        let err = load_kernel(
+            &mem,
+            &mut Cursor::new(elf(ELFCLASS32, 3, 0x100_0000, 0x100)),
+        )
+        .unwrap_err();
+        assert!(matches!(err, LoaderError::Elf32Bit));
+        assert!(err.to_string().contains("32-bit ELF"));
+
+        let err = load_kernel(
+            &mem,
+            &mut Cursor::new(elf(ELFCLASS64, 183, 0x100_0000, 0x100)),
+        )
+        .unwrap_err();
+        assert!(matches!(err, LoaderError::ElfWrongMachine(183)));
+
+        let err = load_kernel(
+            &mem,
+            &mut Cursor::new(elf(ELFCLASS64, EM_X86_64, 0x8000, 0x100)),
+        )
+        .unwrap_err();
+        assert!(matches!(err, LoaderError::ElfBelowHimem(0x8000)));
+
+        let err = load_kernel(&mem, &mut Cursor::new(&ELF_MAGIC[..])).unwrap_err();
+        assert!(matches!(err, LoaderError::ElfMalformed(_)));
+
+        let big = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 64 * MIB as u64);
+        let err = load_kernel(&mem, &mut Cursor::new(big)).unwrap_err();
+        assert!(matches!(err, LoaderError::KernelTooBig { .. }));
+    }
+
+    #[test]
+    fn initrd_goes_high_and_aligned() {
+        let mem = mem(64 * MIB);
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+        let info = load_initrd(
+            &mem,
+            &mut Cursor::new(&data),
+            GuestAddress(0x140_0000),
+            Some(&hdr),
+        )
+        .unwrap();
+        assert_eq!(info.size, 10_000);
+        assert_eq!(info.addr.0 % 4096, 0);
+        assert!(info.addr.0 + 10_000 <= 64 * MIB as u64);
+        assert!(info.addr.0 + 10_000 + 4096 > 64 * MIB as u64);
+        let mut back = vec![0u8; 10_000];
+        mem.read_slice(&mut back, info.addr).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn initrd_respects_initrd_addr_max() {
+        let mem = mem(64 * MIB);
+        let mut hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+        hdr.initrd_addr_max = 0x1ff_ffff; // 32 MiB - 1
+        let data = vec![7u8; 5000];
+        let info = load_initrd(
+            &mem,
+            &mut Cursor::new(&data),
+            GuestAddress(0x140_0000),
+            Some(&hdr),
+        )
+        .unwrap();
+        assert_eq!(info.addr, GuestAddress(0x200_0000 - 0x2000));
+    }
+
+    #[test]
+    fn initrd_default_max_without_header() {
+        let mem = mem(1024 * MIB);
+        let info = load_initrd(
+            &mem,
+            &mut Cursor::new(vec![1u8; 4096]),
+            GuestAddress(0x140_0000),
+            None,
+        )
+        .unwrap();
+        assert_eq!(info.addr, GuestAddress(0x3800_0000 - 0x1000));
+    }
+
+    #[test]
+    fn initrd_errors() {
+        let mem = mem(32 * MIB);
+        let err = load_initrd(&mem, &mut Cursor::new(Vec::new()), HIMEM_START, None).unwrap_err();
+        assert!(matches!(err, LoaderError::InitrdEmpty));
+
+        let data = vec![0u8; 16 * MIB];
+        let err = load_initrd(
+            &mem,
+            &mut Cursor::new(&data),
+            GuestAddress(0x140_0000),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            LoaderError::InitrdTooBig {
+                limit: 0x200_0000,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("does not fit"), "{err}");
+
+        let huge = vec![0u8; 40 * MIB];
+        let err = load_initrd(&mem, &mut Cursor::new(&huge), HIMEM_START, None).unwrap_err();
+        assert!(matches!(err, LoaderError::InitrdTooBig { .. }));
+    }
+
+    #[test]
+    fn cmdline() {
+        let mem = mem(MIB);
+        let info = load_cmdline(&mem, "console=ttyS0 reboot=k", None).unwrap();
+        assert_eq!(info.addr, CMDLINE_START);
+        assert_eq!(info.size, 23);
+        let mut back = [0u8; 23];
+        mem.read_slice(&mut back, CMDLINE_START).unwrap();
+        assert_eq!(&back, b"console=ttyS0 reboot=k\0");
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let mem = mem(MIB);
+        assert_eq!(max_cmdline_len(None), 4095);
+        let hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+        assert_eq!(max_cmdline_len(Some(&hdr)), 2047);
+        let mut old = hdr;
+        old.version = 0x0205;
+        assert_eq!(max_cmdline_len(Some(&old)), 4095);
+
+        let long = "x".repeat(2048);
+        let err = load_cmdline(&mem, &long, Some(&hdr)).unwrap_err();
+        assert!(matches!(
+            err,
+            LoaderError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            }
+        ));
+        assert!(load_cmdline(&mem, &long, None).is_ok());
+        assert!(load_cmdline(&mem, &"x".repeat(4096), None).is_err());
+        assert!(matches!(
+            load_cmdline(&mem, "a\0b", None),
+            Err(LoaderError::CmdlineHasNul)
+        ));
+    }
+
+    /// Loads the real guest kernel and initramfs built by `resources/` when they are present.
+    #[test]
+    fn real_guest_kernel_if_present() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest");
+        let (Ok(mut kernel), Ok(mut initrd)) = (
+            std::fs::File::open(dir.join("vmlinuz")),
+            std::fs::File::open(dir.join("initramfs.cpio.gz")),
+        ) else {
+            eprintln!("note: no guest kernel in {}, skipping", dir.display());
+            return;
+        };
+        let mem = mem(512 * MIB);
+        let info = load_kernel(&mem, &mut kernel).unwrap();
+        assert_eq!(info.format, KernelFormat::BzImage);
+        assert_eq!(info.entry, GuestAddress(0x10_0200));
+        let hdr = info.setup_header.unwrap();
+        assert!({ hdr.version } >= MIN_BOOT_PROTOCOL);
+        assert!(info.kernel_end.0 > 0x100_0000);
+        let initrd_info = load_initrd(&mem, &mut initrd, info.kernel_end, Some(&hdr)).unwrap();
+        assert_eq!(initrd_info.addr.0 % 4096, 0);
+        assert!(initrd_info.addr >= info.kernel_end);
+        assert!(initrd_info.addr.0 + initrd_info.size as u64 <= 512 * MIB as u64);
+        // A gzip stream starts with 1f 8b.
+        let magic: [u8; 2] = mem.read_obj(initrd_info.addr).unwrap();
+        assert_eq!(magic, [0x1f, 0x8b]);
+    }
+}

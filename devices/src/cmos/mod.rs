@@ -1,0 +1,717 @@
+//! The MC146818-style RTC and CMOS NVRAM at ports 0x70 (index) / 0x71 (data).
+//!
+//! - Index port: bits 0..=6 select one of 128 registers; bit 7 (NMI disable) is masked off.
+//! - Time registers (0x00 seconds, 0x02 minutes, 0x04 hours, 0x06 weekday, 0x07 day, 0x08 month,
+//!   0x09 year, 0x32 century) are computed on every read from the host's wall clock (UTC) plus a
+//!   guest offset, in BCD or binary per status register B's DM bit, and 24h or 12h (bit 7 = PM)
+//!   per its 24/12 bit.
+//! - Writing time registers moves the guest's offset (the host clock is never touched). While
+//!   B's SET bit is on, the clock is frozen and writes edit the frozen copy, which becomes the new
+//!   guest time when SET is cleared, as Linux's `mc146818_set_time` expects. The weekday is always
+//!   derived from the date; writes to it are ignored.
+//! - Status A's UIP bit is set only during the last 244 µs before each second boundary (as on
+//!   real hardware, where the update follows UIP), so it never sticks. Status C reads and clears
+//!   the interrupt flags; status D always reports valid RAM (VRT).
+//! - Memory-size registers are filled from the constructor arguments, as QEMU and Cloud
+//!   Hypervisor do for firmware: 0x15/0x16 base memory (KiB), 0x17/0x18 and 0x30/0x31 memory
+//!   above 1 MiB (KiB, capped), 0x34/0x35 memory between 16 MiB and 4 GiB (64 KiB units),
+//!   0x5b..=0x5d memory above 4 GiB (64 KiB units); with the standard checksum at 0x2e/0x2f.
+//! - Interrupts (IRQ 8) are optional: after [`Cmos::enable_interrupts`], the update-ended (UIE)
+//!   and alarm (AIE) interrupts are driven by a timerfd the VMM's event loop polls
+//!   ([`Cmos::timer_fd`], [`Cmos::handle_timer`]). Linux emulates `RTC_UIE_ON` (used by
+//!   util-linux `hwclock`) with the alarm. The periodic interrupt (PIE) is not emulated.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vmm_sys_util::timerfd::TimerFd;
+
+mod datetime;
+
+use datetime::DateTime;
+
+use crate::bus::BusDevice;
+use crate::interrupt::InterruptLine;
+
+/// The index port.
+pub const CMOS_PORT_BASE: u64 = 0x70;
+/// Length of the RTC's bus range (index and data ports).
+pub const CMOS_PORT_LEN: u64 = 2;
+
+const INDEX: u64 = 0;
+const DATA: u64 = 1;
+const INDEX_MASK: u8 = 0x7f;
+
+const REG_SECONDS: u8 = 0x00;
+const REG_SECONDS_ALARM: u8 = 0x01;
+const REG_MINUTES: u8 = 0x02;
+const REG_MINUTES_ALARM: u8 = 0x03;
+const REG_HOURS: u8 = 0x04;
+const REG_HOURS_ALARM: u8 = 0x05;
+const REG_WEEKDAY: u8 = 0x06;
+const REG_DAY: u8 = 0x07;
+const REG_MONTH: u8 = 0x08;
+const REG_YEAR: u8 = 0x09;
+const REG_A: u8 = 0x0a;
+const REG_B: u8 = 0x0b;
+const REG_C: u8 = 0x0c;
+const REG_D: u8 = 0x0d;
+const REG_BASE_MEM_LO: u8 = 0x15;
+const REG_EXT_MEM_LO: u8 = 0x17;
+const REG_CHECKSUM_HI: u8 = 0x2e;
+const REG_EXT_MEM2_LO: u8 = 0x30;
+const REG_CENTURY: u8 = 0x32;
+const REG_MEM_16M_LO: u8 = 0x34;
+const REG_MEM_4G_LO: u8 = 0x5b;
+
+const A_UIP: u8 = 0x80;
+/// 32.768 kHz time base, 1024 Hz periodic rate.
+const A_DEFAULT: u8 = 0x26;
+const B_SET: u8 = 0x80;
+const B_AIE: u8 = 0x20;
+const B_UIE: u8 = 0x10;
+const B_BINARY: u8 = 0x04;
+const B_24H: u8 = 0x02;
+const B_DEFAULT: u8 = B_24H;
+const C_IRQF: u8 = 0x80;
+const C_AF: u8 = 0x20;
+const C_UF: u8 = 0x10;
+const D_VRT: u8 = 0x80;
+const HOUR_PM: u8 = 0x80;
+/// Alarm register values with both top bits set match any value.
+const ALARM_DONT_CARE: u8 = 0xc0;
+
+/// UIP is high this long before each second boundary.
+const UIP_WINDOW_NS: u32 = 244_000;
+/// How far past a second boundary the update timer fires, so the new second is visible.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+/// Errors setting up the RTC.
+#[derive(Debug, thiserror::Error)]
+pub enum CmosError {
+    /// The update/alarm timer could not be created.
+    #[error("cannot create the RTC timer: {0}")]
+    Timer(#[source] io::Error),
+}
+
+/// The host's wall clock, as time since the Unix epoch.
+fn host_clock() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The update/alarm interrupt machinery, present once interrupts are enabled.
+struct RtcIrq {
+    line: Arc<dyn InterruptLine>,
+    timer: TimerFd,
+}
+
+/// The RTC/CMOS device; see the module documentation.
+pub struct Cmos {
+    index: u8,
+    nvram: [u8; 128],
+    /// Guest time minus host time, in seconds.
+    offset_secs: i64,
+    /// The time being edited while status B's SET bit is on.
+    frozen: Option<DateTime>,
+    irq: Option<RtcIrq>,
+    clock: fn() -> Duration,
+}
+
+impl std::fmt::Debug for Cmos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cmos")
+            .field("index", &self.index)
+            .field("offset_secs", &self.offset_secs)
+            .field("frozen", &self.frozen)
+            .finish_non_exhaustive()
+    }
+}
+
+fn put_u16(nvram: &mut [u8; 128], reg: u8, value: u64) {
+    let v = value.min(0xffff);
+    nvram[usize::from(reg)] = (v & 0xff) as u8;
+    nvram[usize::from(reg) + 1] = (v >> 8) as u8;
+}
+
+impl Cmos {
+    /// Creates the RTC for a guest with `mem_below_4g` bytes of RAM starting at 0 (below the
+    /// 32-bit MMIO hole) and `mem_above_4g` bytes starting at 4 GiB.
+    pub fn new(mem_below_4g: u64, mem_above_4g: u64) -> Cmos {
+        let mut nvram = [0u8; 128];
+        nvram[usize::from(REG_A)] = A_DEFAULT;
+        nvram[usize::from(REG_B)] = B_DEFAULT;
+        nvram[usize::from(REG_D)] = D_VRT;
+
+        put_u16(&mut nvram, REG_BASE_MEM_LO, 640);
+        let ext_kib = mem_below_4g.saturating_sub(MIB) / KIB;
+        put_u16(&mut nvram, REG_EXT_MEM_LO, ext_kib);
+        put_u16(&mut nvram, REG_EXT_MEM2_LO, ext_kib);
+        put_u16(
+            &mut nvram,
+            REG_MEM_16M_LO,
+            mem_below_4g.saturating_sub(16 * MIB) / (64 * KIB),
+        );
+        let high = (mem_above_4g / (64 * KIB)).min(0xff_ffff);
+        for i in 0..3u8 {
+            nvram[usize::from(REG_MEM_4G_LO + i)] = (high >> (8 * i)) as u8;
+        }
+        // Checksum of 0x10..=0x2d, big-endian at 0x2e/0x2f.
+        let sum: u16 = nvram[0x10..=0x2d].iter().map(|&b| u16::from(b)).sum();
+        nvram[usize::from(REG_CHECKSUM_HI)] = (sum >> 8) as u8;
+        nvram[usize::from(REG_CHECKSUM_HI) + 1] = (sum & 0xff) as u8;
+
+        Cmos {
+            index: 0,
+            nvram,
+            offset_secs: 0,
+            frozen: None,
+            irq: None,
+            clock: host_clock,
+        }
+    }
+
+    /// Enables the update-ended and alarm interrupts on `line` (IRQ 8). The VMM must then poll
+    /// [`Cmos::timer_fd`] and call [`Cmos::handle_timer`] when it is readable.
+    pub fn enable_interrupts(&mut self, line: Arc<dyn InterruptLine>) -> Result<(), CmosError> {
+        let timer = TimerFd::new().map_err(|e| CmosError::Timer(e.into()))?;
+        // SAFETY: F_SETFL on the timerfd we just created and own; no memory is involved.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(CmosError::Timer(io::Error::last_os_error()));
+        }
+        self.irq = Some(RtcIrq { line, timer });
+        self.rearm_timer();
+        Ok(())
+    }
+
+    /// The timerfd to poll for readability, once interrupts are enabled.
+    pub fn timer_fd(&self) -> Option<RawFd> {
+        self.irq.as_ref().map(|irq| irq.timer.as_raw_fd())
+    }
+
+    /// Runs the once-a-second update: sets the update-ended flag, the alarm flag when the alarm
+    /// registers match, and raises IRQ 8 when an enabled flag is set. Harmless if called early.
+    pub fn handle_timer(&mut self) {
+        let Some(irq) = &mut self.irq else {
+            return;
+        };
+        match irq.timer.wait() {
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EAGAIN => return,
+            Err(e) => {
+                log::warn!("rtc: timer read failed: {e}");
+                return;
+            }
+        }
+        let b = self.reg(REG_B);
+        if b & B_SET == 0 {
+            let mut flags = C_UF;
+            if self.alarm_matches(self.now()) {
+                flags |= C_AF;
+            }
+            // Flag bits line up with their enable bits in register B.
+            if flags & b & (B_UIE | B_AIE) != 0 {
+                flags |= C_IRQF;
+                if let Some(irq) = &self.irq {
+                    if let Err(e) = irq.line.trigger() {
+                        log::warn!("rtc: cannot raise the interrupt: {e}");
+                    }
+                }
+            }
+            self.nvram[usize::from(REG_C)] |= flags;
+        }
+        self.rearm_timer();
+    }
+
+    /// Arms the timer for just after the next second boundary while UIE or AIE is on.
+    fn rearm_timer(&mut self) {
+        let b = self.reg(REG_B);
+        let wanted = b & (B_UIE | B_AIE) != 0 && b & B_SET == 0;
+        let nanos = (self.clock)().subsec_nanos();
+        let Some(irq) = &mut self.irq else {
+            return;
+        };
+        let result = if wanted {
+            let until_tick = Duration::from_nanos(u64::from(1_000_000_000 - nanos));
+            irq.timer.reset(until_tick + TIMER_SLACK, None)
+        } else {
+            irq.timer.clear()
+        };
+        if let Err(e) = result {
+            log::warn!("rtc: cannot program the timer: {e}");
+        }
+    }
+
+    fn reg(&self, reg: u8) -> u8 {
+        self.nvram[usize::from(reg & INDEX_MASK)]
+    }
+
+    fn binary(&self) -> bool {
+        self.reg(REG_B) & B_BINARY != 0
+    }
+
+    fn hours_24(&self) -> bool {
+        self.reg(REG_B) & B_24H != 0
+    }
+
+    /// The guest's current time (the frozen copy while SET is on).
+    fn now(&self) -> DateTime {
+        if let Some(frozen) = self.frozen {
+            return frozen;
+        }
+        let host = i64::try_from((self.clock)().as_secs()).unwrap_or(i64::MAX);
+        DateTime::from_epoch(host.saturating_add(self.offset_secs))
+    }
+
+    fn uip(&self) -> u8 {
+        if self.reg(REG_B) & B_SET != 0 {
+            return 0;
+        }
+        if (self.clock)().subsec_nanos() >= 1_000_000_000 - UIP_WINDOW_NS {
+            A_UIP
+        } else {
+            0
+        }
+    }
+
+    /// Encodes `v` (< 100) in the current data mode.
+    fn encode(&self, v: u32) -> u8 {
+        let v = (v % 100) as u8;
+        if self.binary() {
+            v
+        } else {
+            (v / 10) << 4 | (v % 10)
+        }
+    }
+
+    /// Decodes a register value in the current data mode; `None` for invalid BCD.
+    fn decode(&self, v: u8) -> Option<u32> {
+        if self.binary() {
+            return Some(u32::from(v));
+        }
+        let (hi, lo) = (v >> 4, v & 0x0f);
+        (hi <= 9 && lo <= 9).then(|| u32::from(hi * 10 + lo))
+    }
+
+    fn encode_hour(&self, hour: u32) -> u8 {
+        if self.hours_24() {
+            return self.encode(hour);
+        }
+        let h12 = match hour % 12 {
+            0 => 12,
+            h => h,
+        };
+        let pm = if hour >= 12 { HOUR_PM } else { 0 };
+        self.encode(h12) | pm
+    }
+
+    fn decode_hour(&self, v: u8) -> Option<u32> {
+        if self.hours_24() {
+            return self.decode(v).filter(|&h| h < 24);
+        }
+        let h12 = self.decode(v & !HOUR_PM).filter(|h| (1..=12).contains(h))?;
+        let pm = if v & HOUR_PM != 0 { 12 } else { 0 };
+        Some(h12 % 12 + pm)
+    }
+
+    fn read_time(&self, reg: u8) -> u8 {
+        let now = self.now();
+        match reg {
+            REG_SECONDS => self.encode(now.second),
+            REG_MINUTES => self.encode(now.minute),
+            REG_HOURS => self.encode_hour(now.hour),
+            REG_WEEKDAY => self.encode(now.weekday()),
+            REG_DAY => self.encode(now.day),
+            REG_MONTH => self.encode(now.month),
+            REG_YEAR => self.encode(now.year.rem_euclid(100) as u32),
+            // The century of years 0..=9999; out-of-range years wrap.
+            _ => self.encode(now.year.div_euclid(100).rem_euclid(100) as u32),
+        }
+    }
+
+    fn write_time(&mut self, reg: u8, value: u8) {
+        let mut t = self.now();
+        let ok = match reg {
+            REG_SECONDS => self.decode(value).filter(|&v| v < 60).map(|v| t.second = v),
+            REG_MINUTES => self.decode(value).filter(|&v| v < 60).map(|v| t.minute = v),
+            REG_HOURS => self.decode_hour(value).map(|v| t.hour = v),
+            REG_DAY => self
+                .decode(value)
+                .filter(|v| (1..=31).contains(v))
+                .map(|v| t.day = v),
+            REG_MONTH => self
+                .decode(value)
+                .filter(|v| (1..=12).contains(v))
+                .map(|v| t.month = v),
+            REG_YEAR => self
+                .decode(value)
+                .filter(|&v| v < 100)
+                .map(|v| t.year = t.year.div_euclid(100) * 100 + i64::from(v)),
+            REG_CENTURY => self
+                .decode(value)
+                .filter(|&v| v < 100)
+                .map(|v| t.year = i64::from(v) * 100 + t.year.rem_euclid(100)),
+            // The weekday follows from the date.
+            _ => Some(()),
+        };
+        if ok.is_none() {
+            log::debug!("rtc: ignored invalid value {value:#x} for register {reg:#x}");
+            return;
+        }
+        if self.frozen.is_some() {
+            self.frozen = Some(t);
+        } else {
+            self.set_guest_time(t);
+        }
+    }
+
+    fn set_guest_time(&mut self, t: DateTime) {
+        let host = i64::try_from((self.clock)().as_secs()).unwrap_or(i64::MAX);
+        self.offset_secs = t.to_epoch().saturating_sub(host);
+    }
+
+    fn write_b(&mut self, mut value: u8) {
+        let old = self.reg(REG_B);
+        if value & B_SET != 0 {
+            // Setting SET disables the update-ended interrupt, per the MC146818 datasheet.
+            value &= !B_UIE;
+            if old & B_SET == 0 {
+                self.frozen = Some(self.now());
+            }
+        } else if let Some(t) = self.frozen.take() {
+            self.set_guest_time(t);
+        }
+        self.nvram[usize::from(REG_B)] = value;
+        self.rearm_timer();
+    }
+
+    fn alarm_matches(&self, now: DateTime) -> bool {
+        let field = |alarm_reg: u8, current: u8| {
+            let alarm = self.reg(alarm_reg);
+            alarm & ALARM_DONT_CARE == ALARM_DONT_CARE || alarm == current
+        };
+        field(REG_SECONDS_ALARM, self.encode(now.second))
+            && field(REG_MINUTES_ALARM, self.encode(now.minute))
+            && field(REG_HOURS_ALARM, self.encode_hour(now.hour))
+    }
+
+    fn read_register(&mut self, reg: u8) -> u8 {
+        match reg {
+            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
+            | REG_YEAR | REG_CENTURY => self.read_time(reg),
+            REG_A => (self.reg(REG_A) & !A_UIP) | self.uip(),
+            REG_C => std::mem::take(&mut self.nvram[usize::from(REG_C)]),
+            REG_D => D_VRT,
+            _ => self.reg(reg),
+        }
+    }
+
+    fn write_register(&mut self, reg: u8, value: u8) {
+        match reg {
+            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
+            | REG_YEAR | REG_CENTURY => self.write_time(reg, value),
+            REG_A => self.nvram[usize::from(REG_A)] = value & !A_UIP,
+            REG_B => self.write_b(value),
+            REG_C | REG_D => log::debug!("rtc: ignored write to read-only register {reg:#x}"),
+            REG_SECONDS_ALARM | REG_MINUTES_ALARM | REG_HOURS_ALARM => {
+                self.nvram[usize::from(reg)] = value;
+            }
+            _ => self.nvram[usize::from(reg & INDEX_MASK)] = value,
+        }
+    }
+}
+
+impl BusDevice for Cmos {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 {
+            data.fill(0xff);
+            return;
+        }
+        data[0] = match offset {
+            // The index port is write-only; reads float high.
+            INDEX => 0xff,
+            DATA => self.read_register(self.index),
+            _ => 0xff,
+        };
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let [value] = data else {
+            return;
+        };
+        match offset {
+            INDEX => self.index = value & INDEX_MASK,
+            DATA => self.write_register(self.index, *value),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::tests::CountingLine;
+
+    fn read_reg(c: &mut Cmos, reg: u8) -> u8 {
+        c.write(INDEX, &[reg]);
+        let mut d = [0u8];
+        c.read(DATA, &mut d);
+        d[0]
+    }
+
+    fn write_reg(c: &mut Cmos, reg: u8, v: u8) {
+        c.write(INDEX, &[reg]);
+        c.write(DATA, &[v]);
+    }
+
+    fn bcd(v: u8) -> u32 {
+        u32::from(v >> 4) * 10 + u32::from(v & 0xf)
+    }
+
+    /// Reads the clock the way Linux does: wait for UIP clear, read, re-check seconds.
+    fn read_clock(c: &mut Cmos) -> DateTime {
+        loop {
+            while read_reg(c, REG_A) & A_UIP != 0 {}
+            let regs: Vec<u8> = [
+                REG_SECONDS,
+                REG_MINUTES,
+                REG_HOURS,
+                REG_DAY,
+                REG_MONTH,
+                REG_YEAR,
+                REG_CENTURY,
+            ]
+            .iter()
+            .map(|&r| read_reg(c, r))
+            .collect();
+            if read_reg(c, REG_SECONDS) != regs[0] {
+                continue;
+            }
+            let binary = read_reg(c, REG_B) & B_BINARY != 0;
+            let dec = |v: u8| {
+                if binary {
+                    u32::from(v)
+                } else {
+                    bcd(v)
+                }
+            };
+            return DateTime {
+                second: dec(regs[0]),
+                minute: dec(regs[1]),
+                hour: dec(regs[2]),
+                day: dec(regs[3]),
+                month: dec(regs[4]),
+                year: i64::from(dec(regs[6]) * 100 + dec(regs[5])),
+            };
+        }
+    }
+
+    fn host_now() -> i64 {
+        host_clock().as_secs() as i64
+    }
+
+    #[test]
+    fn bcd_time_matches_host_clock() {
+        let mut c = Cmos::new(0, 0);
+        assert_eq!(read_reg(&mut c, REG_B) & B_BINARY, 0, "BCD by default");
+        let before = host_now();
+        let t = read_clock(&mut c).to_epoch();
+        let after = host_now();
+        assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
+    }
+
+    #[test]
+    fn binary_time_matches_host_clock() {
+        let mut c = Cmos::new(0, 0);
+        write_reg(&mut c, REG_B, B_24H | B_BINARY);
+        let before = host_now();
+        let t = read_clock(&mut c).to_epoch();
+        let after = host_now();
+        assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
+    }
+
+    #[test]
+    fn twelve_hour_mode_and_weekday() {
+        let mut c = Cmos::new(0, 0);
+        // 2024-02-29 13:05:07 UTC, a Thursday.
+        c.clock = || Duration::from_secs(1_709_164_800 + 13 * 3600 + 5 * 60 + 7);
+        assert_eq!(read_reg(&mut c, REG_HOURS), 0x13);
+        assert_eq!(read_reg(&mut c, REG_WEEKDAY), 5);
+        assert_eq!(read_reg(&mut c, REG_CENTURY), 0x20);
+        assert_eq!(read_reg(&mut c, REG_YEAR), 0x24);
+        write_reg(&mut c, REG_B, 0); // 12h, BCD
+        assert_eq!(read_reg(&mut c, REG_HOURS), HOUR_PM | 0x01);
+        write_reg(&mut c, REG_B, B_BINARY); // 12h, binary
+        assert_eq!(read_reg(&mut c, REG_HOURS), HOUR_PM | 1);
+        c.clock = || Duration::from_secs(1_709_164_800 + 30 * 60); // 00:30
+        assert_eq!(read_reg(&mut c, REG_HOURS), 12);
+    }
+
+    #[test]
+    fn uip_is_not_stuck() {
+        let mut c = Cmos::new(0, 0);
+        c.clock = || Duration::new(100, 999_900_000);
+        assert_ne!(read_reg(&mut c, REG_A) & A_UIP, 0);
+        c.clock = || Duration::new(101, 1_000);
+        assert_eq!(read_reg(&mut c, REG_A), A_DEFAULT);
+
+        // With the real clock, UIP is clear nearly always and always clears again.
+        let mut c = Cmos::new(0, 0);
+        let clear = (0..2000)
+            .filter(|_| read_reg(&mut c, REG_A) & A_UIP == 0)
+            .count();
+        assert!(clear > 1900, "UIP clear only {clear}/2000 times");
+        // Writes cannot set UIP.
+        write_reg(&mut c, REG_A, 0xa6);
+        c.clock = || Duration::new(5, 0);
+        assert_eq!(read_reg(&mut c, REG_A), 0x26);
+    }
+
+    #[test]
+    fn guest_time_writes_move_an_offset() {
+        let mut c = Cmos::new(0, 0);
+        c.clock = || Duration::from_secs(1_700_000_000);
+        // Linux's mc146818_set_time: SET, write fields, clear SET. Set 1999-12-31 23:59:58.
+        write_reg(&mut c, REG_B, B_24H | B_SET);
+        for (reg, v) in [
+            (REG_SECONDS, 0x58),
+            (REG_MINUTES, 0x59),
+            (REG_HOURS, 0x23),
+            (REG_DAY, 0x31),
+            (REG_MONTH, 0x12),
+            (REG_YEAR, 0x99),
+            (REG_CENTURY, 0x19),
+        ] {
+            write_reg(&mut c, reg, v);
+        }
+        // Frozen while SET: reads return the edited time, UIP stays clear.
+        assert_eq!(read_reg(&mut c, REG_YEAR), 0x99);
+        assert_eq!(read_reg(&mut c, REG_A) & A_UIP, 0);
+        write_reg(&mut c, REG_B, B_24H);
+        assert_eq!(c.offset_secs, 946_684_798 - 1_700_000_000);
+
+        // The clock runs on from there.
+        c.clock = || Duration::from_secs(1_700_000_003);
+        assert_eq!(read_reg(&mut c, REG_SECONDS), 0x01);
+        assert_eq!(read_reg(&mut c, REG_YEAR), 0x00);
+        assert_eq!(read_reg(&mut c, REG_CENTURY), 0x20);
+        assert_eq!(read_reg(&mut c, REG_MONTH), 0x01);
+
+        // A single write without SET applies immediately; invalid BCD is ignored.
+        write_reg(&mut c, REG_MINUTES, 0x30);
+        assert_eq!(read_reg(&mut c, REG_MINUTES), 0x30);
+        write_reg(&mut c, REG_MINUTES, 0x7a);
+        write_reg(&mut c, REG_MONTH, 0x13);
+        assert_eq!(read_reg(&mut c, REG_MINUTES), 0x30);
+        assert_eq!(read_reg(&mut c, REG_MONTH), 0x01);
+    }
+
+    #[test]
+    fn registers_nvram_and_nmi_bit() {
+        let mut c = Cmos::new(0, 0);
+        assert_eq!(read_reg(&mut c, REG_D), D_VRT);
+        write_reg(&mut c, REG_D, 0);
+        assert_eq!(read_reg(&mut c, REG_D), D_VRT);
+        assert_eq!(read_reg(&mut c, REG_C), 0);
+        // NVRAM through an index with the NMI-disable bit set.
+        write_reg(&mut c, 0x80 | 0x40, 0xab);
+        assert_eq!(read_reg(&mut c, 0x40), 0xab);
+        assert_eq!(read_reg(&mut c, 0xc0), 0xab);
+        // Odd accesses.
+        let mut wide = [0u8; 2];
+        c.read(DATA, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+        c.write(DATA, &[1, 2]);
+        c.write(7, &[1]);
+        let mut d = [0u8];
+        c.read(INDEX, &mut d);
+        assert_eq!(d, [0xff]);
+    }
+
+    #[test]
+    fn memory_size_registers() {
+        let gib = 1u64 << 30;
+        let c = Cmos::new(3 * gib, 5 * gib);
+        let word = |lo: u8| u16::from_le_bytes([c.reg(lo), c.reg(lo + 1)]);
+        assert_eq!(word(REG_BASE_MEM_LO), 640);
+        assert_eq!(word(REG_EXT_MEM_LO), 0xffff);
+        assert_eq!(word(REG_EXT_MEM2_LO), 0xffff);
+        assert_eq!(
+            u64::from(word(REG_MEM_16M_LO)),
+            (3 * gib - 16 * MIB) / (64 * KIB)
+        );
+        let high = u32::from_le_bytes([
+            c.reg(REG_MEM_4G_LO),
+            c.reg(REG_MEM_4G_LO + 1),
+            c.reg(REG_MEM_4G_LO + 2),
+            0,
+        ]);
+        assert_eq!(u64::from(high), 5 * gib / (64 * KIB));
+        let sum: u16 = (0x10..=0x2d).map(|r| u16::from(c.reg(r))).sum();
+        assert_eq!(
+            u16::from_be_bytes([c.reg(REG_CHECKSUM_HI), c.reg(REG_CHECKSUM_HI + 1)]),
+            sum
+        );
+
+        let small = Cmos::new(8 * MIB, 0);
+        assert_eq!(small.reg(REG_MEM_16M_LO), 0);
+        assert_eq!(
+            u16::from_le_bytes([small.reg(REG_EXT_MEM_LO), small.reg(REG_EXT_MEM_LO + 1)]),
+            7 * 1024
+        );
+    }
+
+    #[test]
+    fn update_and_alarm_interrupts() {
+        let mut c = Cmos::new(0, 0);
+        let line = Arc::new(CountingLine::default());
+        c.enable_interrupts(line.clone()).unwrap();
+        let fd = c.timer_fd().unwrap();
+        // Not armed while UIE/AIE are off; an early call is a no-op.
+        c.handle_timer();
+        assert_eq!(line.count(), 0);
+
+        write_reg(&mut c, REG_B, B_24H | B_UIE);
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; waits at most 2.5 s for the next second boundary.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2500) }, 1);
+        c.handle_timer();
+        assert_eq!(line.count(), 1);
+        assert_eq!(read_reg(&mut c, REG_C), C_IRQF | C_UF);
+        assert_eq!(read_reg(&mut c, REG_C), 0);
+
+        // An alarm for "any time" fires with AF; UIE off so only the alarm counts.
+        for reg in [REG_SECONDS_ALARM, REG_MINUTES_ALARM, REG_HOURS_ALARM] {
+            write_reg(&mut c, reg, 0xff);
+        }
+        write_reg(&mut c, REG_B, B_24H | B_AIE);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2500) }, 1);
+        c.handle_timer();
+        assert_eq!(line.count(), 2);
+        assert_eq!(read_reg(&mut c, REG_C), C_IRQF | C_AF | C_UF);
+
+        // An alarm that does not match sets nothing but UF, and raises nothing.
+        write_reg(&mut c, REG_HOURS_ALARM, 0x99);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2500) }, 1);
+        c.handle_timer();
+        assert_eq!(line.count(), 2);
+        assert_eq!(read_reg(&mut c, REG_C), C_UF);
+
+        // Disabling both stops the timer.
+        write_reg(&mut c, REG_B, B_24H);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1200) }, 0);
+    }
+}

@@ -1,0 +1,122 @@
+//! The ACPI Generic Event Device (GED) used for the power button: the VMM calls
+//! [`Ged::notify_power_button`], which latches bit 0 of the pending-event register and pulses
+//! the GED's interrupt (edge, GSI 5 in our layout). The guest's `_EVT` method reads the one-byte
+//! register at port 0x608; the read returns the pending bits and clears them, so each press is
+//! reported exactly once even if several arrive before the guest looks.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::bus::BusDevice;
+use crate::interrupt::InterruptLine;
+
+/// Port of the pending-event register.
+pub const GED_PORT_BASE: u64 = 0x608;
+/// Length of the GED's bus range.
+pub const GED_PORT_LEN: u64 = 1;
+
+/// Events the GED reports; the value is the bit in the pending-event register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GedEvent {
+    /// The power button was pressed (the DSDT's `_EVT` notifies `\_SB.PWRB` with 0x80).
+    PowerButton = 1 << 0,
+}
+
+/// The generic event device; see the module documentation.
+pub struct Ged {
+    interrupt: Arc<dyn InterruptLine>,
+    pending: u8,
+}
+
+impl std::fmt::Debug for Ged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ged")
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ged {
+    /// Creates the GED raising `interrupt`.
+    pub fn new(interrupt: Arc<dyn InterruptLine>) -> Ged {
+        Ged {
+            interrupt,
+            pending: 0,
+        }
+    }
+
+    /// Latches `event` and raises the interrupt.
+    pub fn notify(&mut self, event: GedEvent) -> io::Result<()> {
+        self.pending |= event as u8;
+        self.interrupt.trigger()
+    }
+
+    /// Reports a power-button press to the guest (ACPI shutdown request).
+    pub fn notify_power_button(&mut self) -> io::Result<()> {
+        self.notify(GedEvent::PowerButton)
+    }
+
+    /// Events latched and not yet read by the guest.
+    pub fn pending(&self) -> u8 {
+        self.pending
+    }
+}
+
+impl BusDevice for Ged {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 0 {
+            if let Some(first) = data.first_mut() {
+                *first = std::mem::take(&mut self.pending);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        log::debug!("ged: ignored {}-byte write at {offset}", data.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::tests::CountingLine;
+
+    #[test]
+    fn power_button_is_latched_and_read_clears() {
+        let line = Arc::new(CountingLine::default());
+        let mut ged = Ged::new(line.clone());
+        let mut d = [0xffu8];
+        ged.read(0, &mut d);
+        assert_eq!(d, [0]);
+
+        ged.notify_power_button().unwrap();
+        ged.notify_power_button().unwrap();
+        assert_eq!(line.count(), 2);
+        assert_eq!(ged.pending(), 1);
+
+        ged.read(0, &mut d);
+        assert_eq!(d, [1]);
+        ged.read(0, &mut d);
+        assert_eq!(d, [0]);
+    }
+
+    #[test]
+    fn writes_and_odd_reads_are_harmless() {
+        let line = Arc::new(CountingLine::default());
+        let mut ged = Ged::new(line);
+        ged.notify(GedEvent::PowerButton).unwrap();
+        ged.write(0, &[0]);
+        assert_eq!(ged.pending(), 1);
+        let mut d = [0xffu8];
+        ged.read(1, &mut d);
+        assert_eq!(d, [0]);
+        assert_eq!(ged.pending(), 1);
+        // A wider read at the register still reports and clears, zero-extended.
+        let mut wide = [0xffu8; 4];
+        ged.read(0, &mut wide);
+        assert_eq!(wide, [1, 0, 0, 0]);
+        ged.read(0, &mut []);
+    }
+}

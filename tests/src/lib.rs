@@ -1,0 +1,1 @@
+//! Integration test support (test box harness lives in tests/testbox).

@@ -1,0 +1,1 @@
+//! virtio crate (being built).

@@ -1,0 +1,187 @@
+//! The builder: turns a validated `VmConfig` into a running VM incarnation (memory, kernel,
+//! initrd, ACPI tables, platform devices, vCPU threads). It is the one place where user
+//! configuration becomes device constructor arguments.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use api::VmConfig;
+use boot::acpi::AcpiConfig;
+use boot::zeropage::BootParamsConfig;
+use kvm_bindings::CpuId;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::SerialBackend;
+use crate::device_manager::{create_platform_devices, DeviceError, PlatformDevices, PowerEvents};
+use crate::kvm::Hypervisor;
+use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuShared};
+use crate::vm::{Vm, VmError};
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// VM or memory setup.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A boot file could not be opened.
+    #[error("{field}: cannot open {path}: {source}")]
+    Open {
+        /// Config field.
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel could not be loaded.
+    #[error("boot.kernel: {0}")]
+    Kernel(#[source] boot::loader::LoaderError),
+    /// The initrd could not be loaded.
+    #[error("boot.initrd: {0}")]
+    Initrd(#[source] boot::loader::LoaderError),
+    /// The command line does not fit.
+    #[error("boot.cmdline: {0}")]
+    Cmdline(#[source] boot::loader::LoaderError),
+    /// ACPI tables could not be written.
+    #[error("cannot create the ACPI tables: {0}")]
+    Acpi(#[source] boot::acpi::AcpiError),
+    /// The zero page could not be written.
+    #[error("cannot write the boot parameters: {0}")]
+    BootParams(#[source] boot::zeropage::ZeroPageError),
+    /// Platform devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// An EventFd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A VM that is running: its vCPU threads, devices and the channels they report on.
+pub struct RunningVm {
+    /// Kept alive for the vCPUs' and devices' sake.
+    pub vm: Vm,
+    /// Platform devices.
+    pub devices: PlatformDevices,
+    /// Power-off / reset requests from devices.
+    pub power: PowerEvents,
+    /// vCPU run state.
+    pub control: Arc<VcpuControl>,
+    /// vCPU threads.
+    pub threads: Vec<JoinHandle<()>>,
+    /// vCPU exit reports.
+    pub vcpu_events: Receiver<VcpuEvent>,
+    /// Written with each vCPU exit report.
+    pub vcpu_evt: Arc<EventFd>,
+}
+
+fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open {
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Builds and starts one incarnation of the VM `cfg` describes.
+pub fn build_vm(
+    hv: &Hypervisor,
+    cpuid: &CpuId,
+    cfg: &VmConfig,
+    serial: &SerialBackend,
+) -> Result<RunningVm, BuildError> {
+    let memory_bytes = cfg.machine.memory_mib << 20;
+    let vm = Vm::new(hv, cfg.machine.memory_mib)?;
+    let mem = vm.memory();
+
+    // Validation made sure a kernel is configured.
+    let kernel_path = cfg.boot.kernel.as_deref().unwrap_or(Path::new(""));
+    let mut kernel_file = open("boot.kernel", kernel_path)?;
+    let kernel = boot::loader::load_kernel(mem, &mut kernel_file).map_err(BuildError::Kernel)?;
+    let initrd = match &cfg.boot.initrd {
+        Some(path) => {
+            let mut f = open("boot.initrd", path)?;
+            Some(
+                boot::loader::load_initrd(
+                    mem,
+                    &mut f,
+                    kernel.kernel_end,
+                    kernel.setup_header.as_ref(),
+                )
+                .map_err(BuildError::Initrd)?,
+            )
+        }
+        None => None,
+    };
+    let cmdline = boot::loader::load_cmdline(mem, cfg.boot.cmdline(), kernel.setup_header.as_ref())
+        .map_err(BuildError::Cmdline)?;
+
+    let acpi = AcpiConfig {
+        // The i8042 is there for `reboot=k`; describing it lets Linux use it too.
+        i8042: true,
+        ..AcpiConfig::new(cfg.machine.vcpus)
+    };
+    let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(BuildError::Acpi)?;
+    boot::zeropage::configure_boot_params(
+        mem,
+        &BootParamsConfig {
+            cmdline,
+            initrd,
+            setup_header: kernel.setup_header,
+            rsdp_addr: Some(rsdp),
+            mem_size: memory_bytes,
+        },
+    )
+    .map_err(BuildError::BootParams)?;
+
+    let power = PowerEvents::new()?;
+    let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.machine.vcpus));
+    for id in 0..cfg.machine.vcpus {
+        vcpus.push(Vcpu::new(
+            vm.fd(),
+            mem,
+            cpuid,
+            hv.tsc_deadline(),
+            id,
+            cfg.machine.vcpus,
+            kernel.entry,
+        )?);
+    }
+
+    let control = Arc::new(VcpuControl::default());
+    let (tx, vcpu_events) = std::sync::mpsc::channel();
+    let vcpu_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
+    let shared = VcpuShared {
+        pio: devices.pio.clone(),
+        mmio: devices.mmio.clone(),
+        control: control.clone(),
+        events: tx,
+        events_evt: vcpu_evt.clone(),
+    };
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(shared.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                crate::vcpu::stop_all(&control, threads, crate::VCPU_STOP_TIMEOUT);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(RunningVm {
+        vm,
+        devices,
+        power,
+        control,
+        threads,
+        vcpu_events,
+        vcpu_evt,
+    })
+}

@@ -1,0 +1,158 @@
+//! Host KVM tests: tiny hand-assembled guests booted by the real `vmm` binary through the real
+//! boot path (ELF loader, long-mode setup, CPUID/MSR/LAPIC, serial port, ACPI power registers).
+//! They run a few dozen guest instructions, so they stay fast even where KVM is emulated (PVM).
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn boot(tag: &str, code: &[u8], extra: &[&str], stdin: &[u8]) -> (Run, Scratch) {
+    let dir = Scratch::new(tag);
+    let kernel = dir.write("guest.elf", &tiny_elf(code));
+    let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--memory", "64"];
+    args.extend_from_slice(extra);
+    (run_vmm(&args, stdin, TIMEOUT), dir)
+}
+
+#[test]
+fn guest_prints_and_powers_off() {
+    if !have_kvm() {
+        return;
+    }
+    let code = Asm::default()
+        .print("HELLO FROM GUEST\n")
+        .poweroff()
+        .code
+        .clone();
+    let (run, _d) = boot("hello", &code, &[], b"");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(
+        run.stdout.contains("HELLO FROM GUEST"),
+        "stdout: {:?}",
+        run.stdout
+    );
+}
+
+#[test]
+fn serial_input_reaches_the_guest() {
+    if !have_kvm() {
+        return;
+    }
+    // Echo every byte received on COM1 back; power off after 'q'.
+    let mut a = Asm::default();
+    a.print("READY\n");
+    let top = a.here();
+    a.mov_dx(0x3fd).in_al_dx().test_al(1).jz(top);
+    a.mov_dx(0x3f8).in_al_dx().out_dx_al().cmp_al(b'q').jnz(top);
+    a.poweroff();
+    let (run, _d) = boot("echo", &a.code, &["--serial", "stdio"], b"ping-from-host q");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(
+        run.stdout.contains("READY\nping-from-host q"),
+        "stdout: {:?}",
+        run.stdout
+    );
+}
+
+#[test]
+fn two_vcpus_are_created() {
+    if !have_kvm() {
+        return;
+    }
+    let code = Asm::default().print("SMP OK\n").poweroff().code.clone();
+    let (run, _d) = boot("smp", &code, &["--cpus", "2"], b"");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("SMP OK"));
+}
+
+#[test]
+fn triple_fault_is_a_clear_error() {
+    if !have_kvm() {
+        return;
+    }
+    // ud2 with an empty IDT: #UD cannot be delivered -> #GP -> #DF -> triple fault.
+    let code = Asm::default().print("X").bytes(&[0x0f, 0x0b]).code.clone();
+    let (run, _d) = boot("triple", &code, &[], b"");
+    assert_eq!(
+        run.code(),
+        Some(1),
+        "stdout: {} stderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("triple-faulted"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn reset_exits_by_default() {
+    if !have_kvm() {
+        return;
+    }
+    let code = Asm::default().print("BOOT\n").reset().code.clone();
+    let (run, _d) = boot("reset-exit", &code, &[], b"");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.stdout.matches("BOOT").count(), 1);
+}
+
+#[test]
+fn reset_restarts_when_asked() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Scratch::new("reset-restart");
+    let code = Asm::default().print("BOOT\n").reset().code.clone();
+    let kernel = dir.write("guest.elf", &tiny_elf(&code));
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64"])
+        .args(["--on-reboot", "restart", "--serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while seen.matches("BOOT").count() < 3 && Instant::now() < deadline {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.matches("BOOT").count() >= 3, "stdout: {seen:?}");
+    assert!(still_running, "vmm exited instead of restarting the guest");
+}
+
+#[test]
+fn serial_to_file() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Scratch::new("serial-file");
+    let log = dir.path("console.log");
+    let spec = format!("file:{}", log.display());
+    let code = Asm::default()
+        .print("TO THE FILE\n")
+        .poweroff()
+        .code
+        .clone();
+    let (run, _d) = boot("serial-file-run", &code, &["--serial", &spec], b"");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(!run.stdout.contains("TO THE FILE"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("TO THE FILE"), "file: {text:?}");
+}
