@@ -40,6 +40,70 @@ pub struct VmConfig {
     /// What a guest reboot does.
     #[serde(default)]
     pub on_reboot: OnReboot,
+    /// Unix socket path of the REST API.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// QMP monitor endpoints.
+    #[serde(default)]
+    pub qmp: Vec<QmpEndpoint>,
+}
+
+/// Where a QMP monitor listens: `{"unix": "PATH"}` or `{"tcp": "HOST:PORT"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QmpEndpoint {
+    /// A unix socket (created owner-only).
+    Unix(PathBuf),
+    /// A TCP listener, `HOST:PORT`.
+    Tcp(String),
+}
+
+impl fmt::Display for QmpEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QmpEndpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            QmpEndpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl std::str::FromStr for QmpEndpoint {
+    type Err = ConfigError;
+
+    /// Parses the `--qmp` flag: `unix:PATH` or `tcp:HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let ep = match s.split_once(':') {
+            Some(("unix", p)) if !p.is_empty() => QmpEndpoint::Unix(p.into()),
+            Some(("tcp", a)) => QmpEndpoint::Tcp(a.to_string()),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    field: "qmp",
+                    reason: format!("`{s}` is not unix:PATH or tcp:HOST:PORT"),
+                })
+            }
+        };
+        ep.validate()?;
+        Ok(ep)
+    }
+}
+
+impl QmpEndpoint {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            QmpEndpoint::Unix(p) if p.as_os_str().is_empty() => Err(ConfigError::Invalid {
+                field: "qmp",
+                reason: "empty unix socket path".into(),
+            }),
+            QmpEndpoint::Tcp(a) => match a.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+                _ => Err(ConfigError::Invalid {
+                    field: "qmp",
+                    reason: format!("`{a}` is not HOST:PORT"),
+                }),
+            },
+            QmpEndpoint::Unix(_) => Ok(()),
+        }
+    }
 }
 
 /// vCPU count and guest memory size.
@@ -308,17 +372,26 @@ impl VmConfig {
                 reason: "contains a NUL byte".into(),
             });
         }
-        match &self.serial {
-            SerialConfig::File { path } | SerialConfig::Socket { path }
-                if path.as_os_str().is_empty() =>
-            {
-                Err(ConfigError::Invalid {
+        if let SerialConfig::File { path } | SerialConfig::Socket { path } = &self.serial {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
                     field: "serial.path",
                     reason: "is empty".into(),
-                })
+                });
             }
-            _ => Ok(()),
         }
+        if let Some(p) = &self.api_socket {
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "api_socket",
+                    reason: "is empty".into(),
+                });
+            }
+        }
+        for ep in &self.qmp {
+            ep.validate()?;
+        }
+        Ok(())
     }
 }
 
@@ -472,6 +545,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("boot.initrd"));
+    }
+
+    #[test]
+    fn control_sockets_parse() {
+        let c = parse(
+            r#"{"api_socket": "/run/vmm.sock",
+                "qmp": [{"unix": "/run/qmp.sock"}, {"tcp": "127.0.0.1:4444"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.api_socket.as_deref(), Some(Path::new("/run/vmm.sock")));
+        assert_eq!(
+            c.qmp,
+            vec![
+                QmpEndpoint::Unix("/run/qmp.sock".into()),
+                QmpEndpoint::Tcp("127.0.0.1:4444".into())
+            ]
+        );
+        assert!(parse(r#"{"qmp": [{"udp": "x"}]}"#).is_err());
+        assert_eq!(
+            "tcp:0.0.0.0:4444".parse::<QmpEndpoint>().unwrap(),
+            QmpEndpoint::Tcp("0.0.0.0:4444".into())
+        );
+        assert!("tcp:nohost".parse::<QmpEndpoint>().is_err());
+        assert!("tcp::99999".parse::<QmpEndpoint>().is_err());
+        assert!("unix:".parse::<QmpEndpoint>().is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use api::{ConfigError, OnReboot, SerialConfig, VmConfig};
+use api::{ConfigError, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
 use clap::Parser;
 
 /// A KVM virtual machine monitor for small Linux VMs.
@@ -46,6 +46,14 @@ pub struct Cli {
     /// What a guest reboot does: exit (the default) or restart.
     #[arg(long, value_name = "ACTION")]
     pub on_reboot: Option<OnReboot>,
+
+    /// Serve the REST API on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Serve a QMP monitor: unix:PATH or tcp:HOST:PORT (repeatable; adds to the file's).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub qmp: Vec<QmpEndpoint>,
 }
 
 const AFTER_HELP: &str = "\
@@ -85,6 +93,10 @@ impl Cli {
         if let Some(r) = self.on_reboot {
             cfg.on_reboot = r;
         }
+        if let Some(p) = self.api_socket {
+            cfg.api_socket = Some(p);
+        }
+        cfg.qmp.extend(self.qmp);
         cfg.validate(host_memory_mib)?;
         Ok(cfg)
     }
