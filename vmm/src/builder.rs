@@ -88,12 +88,14 @@ fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
     })
 }
 
-/// Builds and starts one incarnation of the VM `cfg` describes.
+/// Builds and starts one incarnation of the VM `cfg` describes; its vCPUs wait for a resume
+/// first when `start_paused` is set.
 pub fn build_vm(
     hv: &Hypervisor,
     cpuid: &CpuId,
     cfg: &VmConfig,
     serial: &SerialBackend,
+    start_paused: bool,
 ) -> Result<RunningVm, BuildError> {
     let memory_bytes = cfg.machine.memory_mib << 20;
     let vm = Vm::new(hv, cfg.machine.memory_mib)?;
@@ -155,7 +157,7 @@ pub fn build_vm(
         )?);
     }
 
-    let control = Arc::new(VcpuControl::default());
+    let control = Arc::new(VcpuControl::new(cfg.machine.vcpus, start_paused));
     let (tx, vcpu_events) = std::sync::mpsc::channel();
     let vcpu_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
     let shared = VcpuShared {

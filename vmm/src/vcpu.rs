@@ -1,14 +1,15 @@
 //! vCPUs: per-vCPU register/CPUID/MSR/LAPIC setup for a 64-bit Linux boot, and the `KVM_RUN`
 //! loop each vCPU thread runs, dispatching port and MMIO exits to the buses.
 //!
-//! Stopping: the VMM thread sets the shared [`VcpuControl`] to `Stopping` and kicks each thread
-//! with [`VCPU_KICK_SIGNAL`] until it has left `KVM_RUN`; the thread checks the control state
-//! before every entry, so a kick that lands just before `KVM_RUN` is retried, never lost.
+//! Pausing and stopping: the VMM thread sets a request in the shared [`VcpuControl`] and kicks
+//! each thread with [`VCPU_KICK_SIGNAL`] until it has left `KVM_RUN`; the thread checks the
+//! request before every entry (parking on a condition variable while paused), so a kick that
+//! lands just before `KVM_RUN` is retried, never lost.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -101,23 +102,117 @@ pub struct VcpuEvent {
     pub reason: VcpuExitReason,
 }
 
-const STATE_RUNNING: u8 = 0;
-const STATE_STOPPING: u8 = 1;
+/// What the VMM wants the vCPUs to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
 
-/// Run state shared by the VMM thread and all vCPU threads of one VM.
-#[derive(Debug, Default)]
+#[derive(Debug)]
+struct ControlState {
+    request: Request,
+    /// vCPU threads currently parked by a pause request.
+    parked: usize,
+}
+
+/// Run state shared by the VMM thread and all vCPU threads of one VM: the VMM sets a request,
+/// kicks the threads out of `KVM_RUN`, and they obey it before entering the guest again.
+#[derive(Debug)]
 pub struct VcpuControl {
-    state: AtomicU8,
+    /// Fast path for the vCPU loop: true whenever the request is not `Run`.
+    attention: AtomicBool,
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    /// Host thread ids of the vCPU threads (0 until a thread has started).
+    thread_ids: Vec<AtomicI32>,
 }
 
 impl VcpuControl {
-    /// Asks every vCPU to leave its run loop at the next opportunity.
-    pub fn request_stop(&self) {
-        self.state.store(STATE_STOPPING, Ordering::SeqCst);
+    /// Control for `count` vCPUs, which start paused when `paused` is set.
+    pub fn new(count: u8, paused: bool) -> VcpuControl {
+        VcpuControl {
+            attention: AtomicBool::new(paused),
+            state: Mutex::new(ControlState {
+                request: if paused { Request::Pause } else { Request::Run },
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+            thread_ids: (0..count).map(|_| AtomicI32::new(0)).collect(),
+        }
     }
 
-    fn stopping(&self) -> bool {
-        self.state.load(Ordering::SeqCst) != STATE_RUNNING
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, request: Request) {
+        let mut st = self.lock();
+        st.request = request;
+        self.attention
+            .store(request != Request::Run, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Asks every vCPU to leave its run loop at the next opportunity.
+    pub fn request_stop(&self) {
+        self.set(Request::Stop);
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.set(Request::Run);
+    }
+
+    /// Host thread id of each vCPU thread (None before it started).
+    pub fn thread_ids(&self) -> Vec<Option<i32>> {
+        self.thread_ids
+            .iter()
+            .map(|t| Some(t.load(Ordering::SeqCst)).filter(|&id| id != 0))
+            .collect()
+    }
+
+    /// Asks the vCPUs to pause and waits (kicking them out of `KVM_RUN`) until every one of
+    /// `threads` is parked or has exited, or `timeout` passes. Returns whether all are parked.
+    pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> bool {
+        self.set(Request::Pause);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let live = threads.iter().filter(|t| !t.is_finished()).count();
+            if self.lock().parked >= live {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(VCPU_KICK_SIGNAL());
+            }
+            let st = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(2))
+                .map_err(|_| ());
+        }
+    }
+
+    /// Called by a vCPU thread before each guest entry: parks while paused, and says whether
+    /// to keep running (false: stop).
+    fn obey(&self) -> bool {
+        if !self.attention.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut st = self.lock();
+        if st.request == Request::Pause {
+            st.parked += 1;
+            self.changed.notify_all();
+            while st.request == Request::Pause {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.parked -= 1;
+        }
+        st.request == Request::Run
     }
 }
 
@@ -207,6 +302,10 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                if let Some(slot) = shared.control.thread_ids.get(usize::from(id)) {
+                    // SAFETY: gettid has no preconditions and cannot fail.
+                    slot.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                }
                 let reason = self.run(&shared);
                 // The VMM thread may already be gone when the whole process is exiting.
                 let _ = shared.events.send(VcpuEvent { id, reason });
@@ -217,7 +316,7 @@ impl Vcpu {
 
     fn run(mut self, shared: &VcpuShared) -> VcpuExitReason {
         loop {
-            if shared.control.stopping() {
+            if !shared.control.obey() {
                 return VcpuExitReason::Stopped;
             }
             match self.fd.run() {

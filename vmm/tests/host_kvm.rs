@@ -156,3 +156,36 @@ fn serial_to_file() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("TO THE FILE"), "file: {text:?}");
 }
+
+#[test]
+fn sigterm_ends_the_vm_cleanly() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Scratch::new("sigterm");
+    let code = Asm::default().print("WAITING\n").halt_forever().code.clone();
+    let kernel = dir.write("guest.elf", &tiny_elf(&code));
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64", "--cpus", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 64];
+    while !seen.contains("WAITING") {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(seen.contains("WAITING"), "{seen:?}");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.stdout = Some(out);
+    let run = wait_with_deadline(child, Duration::from_secs(10));
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("terminating"), "stderr: {}", run.stderr);
+}

@@ -1,0 +1,302 @@
+//! The VMM thread at run time: the event loop of one VM incarnation, and the controller that
+//! executes `VmmAction`s from the control plane against it.
+//!
+//! Everything that can end an incarnation — the guest powering off or resetting (through ACPI,
+//! the i8042, or KVM system events), a vCPU failing, a control action, a signal, `Ctrl-A x` —
+//! arrives here as an fd event and becomes one [`Outcome`].
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::controller::{ControllerInbox, EventBus};
+use api::{
+    ActionError, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState,
+    VmmAction, VmmResponse,
+};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::RunningVm;
+use crate::console::SerialBackend;
+use crate::vcpu::{self, VcpuExitReason};
+use crate::{lock, VmmError, VCPU_STOP_TIMEOUT};
+
+/// How long a pause request waits for the vCPUs to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How one VM incarnation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM must go away and the process exit.
+    Shutdown(ShutdownCause),
+    /// The VM must be reset (rebuilt), or exit if the guest asked and on_reboot says so.
+    Reset(ShutdownCause),
+}
+
+/// Process-wide state the incarnations share.
+pub struct Shared {
+    /// The configuration.
+    pub config: Arc<VmConfig>,
+    /// Control-plane requests.
+    pub inbox: Rc<ControllerInbox>,
+    /// Control-plane events.
+    pub bus: EventBus,
+    /// The VM's run state, kept across resets.
+    pub state: Rc<Cell<VmState>>,
+    /// Written by the termination signal handler.
+    pub signal: Arc<EventFd>,
+}
+
+/// Runs the event loop of one VM incarnation until it ends, then stops its vCPUs.
+pub fn run_incarnation(
+    vm: RunningVm,
+    serial: &SerialBackend,
+    shared: &Shared,
+) -> Result<Outcome, VmmError> {
+    let result = Rc::new(Cell::new(None));
+    let quit = Arc::new(
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::EventLoop(format!("cannot create an eventfd: {e}")))?,
+    );
+    let mut em: EventManager<Box<dyn MutEventSubscriber>> =
+        EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let serial_dev = vm.devices.serial.clone();
+    let rtc = RtcTimer(vm.devices.cmos.clone());
+    let control = Control {
+        vm,
+        quit: quit.clone(),
+        result: result.clone(),
+        config: shared.config.clone(),
+        inbox: shared.inbox.clone(),
+        bus: shared.bus.clone(),
+        state: shared.state.clone(),
+        signal: shared.signal.clone(),
+    };
+    let control_id = em.add_subscriber(Box::new(control));
+    em.add_subscriber(Box::new(rtc));
+    if let Some(input) = serial.input_subscriber(serial_dev, quit) {
+        em.add_subscriber(input);
+    }
+    let outcome = loop {
+        if let Some(done) = result.take() {
+            break done;
+        }
+        if let Err(e) = em.run() {
+            // EINTR from a signal is not an error.
+            if e != event_manager::Error::Epoll(vmm_sys_util::errno::Error::new(libc::EINTR)) {
+                break Err(VmmError::EventLoop(e.to_string()));
+            }
+        }
+    };
+    // Dropping the controller stops the vCPUs.
+    let control = em
+        .remove_subscriber(control_id)
+        .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    drop(control);
+    outcome
+}
+
+/// Subscriber for the VM's own events and the control plane. Dropping it stops the vCPUs.
+struct Control {
+    vm: RunningVm,
+    quit: Arc<EventFd>,
+    result: Rc<Cell<Option<Result<Outcome, VmmError>>>>,
+    config: Arc<VmConfig>,
+    inbox: Rc<ControllerInbox>,
+    bus: EventBus,
+    state: Rc<Cell<VmState>>,
+    signal: Arc<EventFd>,
+}
+
+const EV_EXIT: u32 = 0;
+const EV_RESET: u32 = 1;
+const EV_VCPU: u32 = 2;
+const EV_QUIT: u32 = 3;
+const EV_ACTION: u32 = 4;
+const EV_SIGNAL: u32 = 5;
+
+impl Control {
+    fn finish(&self, outcome: Result<Outcome, VmmError>) {
+        // The first reason wins; later ones (e.g. vCPUs reporting they stopped) are noise.
+        let prev = self.result.take();
+        self.result.set(Some(prev.unwrap_or(outcome)));
+    }
+
+    fn on_vcpu_events(&mut self) {
+        let _ = self.vm.vcpu_evt.read();
+        // Several vCPUs may have reported; the first real reason wins.
+        let mut first = None;
+        while let Ok(ev) = self.vm.vcpu_events.try_recv() {
+            if first.is_none() && ev.reason != VcpuExitReason::Stopped {
+                first = Some(ev);
+            }
+        }
+        let Some(ev) = first else { return };
+        let outcome = match ev.reason {
+            VcpuExitReason::Stopped | VcpuExitReason::PowerOff => {
+                Ok(Outcome::Shutdown(ShutdownCause::GuestShutdown))
+            }
+            VcpuExitReason::Reset => Ok(Outcome::Reset(ShutdownCause::GuestReset)),
+            VcpuExitReason::TripleFault => Err(VmmError::TripleFault(ev.id)),
+            VcpuExitReason::Failed(reason) => Err(VmmError::VcpuFailed { id: ev.id, reason }),
+        };
+        self.finish(outcome);
+    }
+
+    /// Executes one control-plane action against this incarnation.
+    fn execute(&mut self, action: &VmmAction) -> Result<VmmResponse, ActionError> {
+        let state = self.state.get();
+        let next = state.check(action)?;
+        let failed = |reason: String| ActionError::Failed {
+            action: action.name(),
+            reason,
+        };
+        match action {
+            VmmAction::GetVmInfo => {
+                let vcpus = self
+                    .vm
+                    .control
+                    .thread_ids()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, thread_id)| VcpuInfo {
+                        index: i as u8,
+                        thread_id,
+                    })
+                    .collect();
+                return Ok(VmmResponse::VmInfo(Box::new(VmInfo {
+                    state,
+                    config: (*self.config).clone(),
+                    vcpus,
+                })));
+            }
+            VmmAction::GetVersion => return Ok(VmmResponse::Version(VersionInfo::current())),
+            VmmAction::Pause => {
+                if !self.vm.control.pause(&self.vm.threads, PAUSE_TIMEOUT) {
+                    self.vm.control.resume();
+                    return Err(failed("the vCPUs did not stop in time".into()));
+                }
+                self.state.set(next);
+                self.bus.publish(VmEvent::Stop);
+            }
+            VmmAction::Resume => {
+                self.vm.control.resume();
+                self.state.set(next);
+                self.bus.publish(VmEvent::Resume);
+            }
+            VmmAction::PowerButton => {
+                lock(&self.vm.devices.ged)
+                    .notify_power_button()
+                    .map_err(|e| failed(e.to_string()))?;
+                self.bus.publish(VmEvent::Powerdown);
+            }
+            VmmAction::Reset => {
+                self.finish(Ok(Outcome::Reset(ShutdownCause::HostQmpSystemReset)));
+            }
+            VmmAction::Shutdown => {
+                self.state.set(next);
+                self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostQmpQuit)));
+            }
+        }
+        Ok(VmmResponse::Done)
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            (&self.vm.power.exit, EV_EXIT),
+            (&self.vm.power.reset, EV_RESET),
+            (&*self.vm.vcpu_evt, EV_VCPU),
+            (&*self.quit, EV_QUIT),
+            (self.inbox.waker(), EV_ACTION),
+            (&*self.signal, EV_SIGNAL),
+        ];
+        for (fd, tag) in fds {
+            if let Err(e) = ops.add(Events::with_data(fd, tag, EventSet::IN)) {
+                self.finish(Err(VmmError::EventLoop(format!(
+                    "cannot watch a VM event: {e}"
+                ))));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EV_EXIT => {
+                let _ = self.vm.power.exit.read();
+                self.finish(Ok(Outcome::Shutdown(ShutdownCause::GuestShutdown)));
+            }
+            EV_RESET => {
+                let _ = self.vm.power.reset.read();
+                self.finish(Ok(Outcome::Reset(ShutdownCause::GuestReset)));
+            }
+            EV_QUIT => {
+                let _ = self.quit.read();
+                self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostSignal)));
+            }
+            EV_SIGNAL => {
+                let _ = self.signal.read();
+                self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostSignal)));
+            }
+            EV_ACTION => {
+                for req in self.inbox.drain() {
+                    let result = self.execute(&req.action);
+                    (req.reply)(result);
+                }
+            }
+            _ => self.on_vcpu_events(),
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let threads = std::mem::take(&mut self.vm.threads);
+        vcpu::stop_all(&self.vm.control, threads, VCPU_STOP_TIMEOUT);
+    }
+}
+
+/// Drives the RTC's once-a-second update (and its interrupts) from the RTC's timerfd.
+struct RtcTimer(Arc<Mutex<devices::cmos::Cmos>>);
+
+impl MutEventSubscriber for RtcTimer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(fd) = lock(&self.0).timer_fd() {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                eprintln!("vmm: cannot watch the RTC timer, RTC interrupts disabled: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        lock(&self.0).handle_timer();
+    }
+}
+
+/// The fd the termination-signal handler writes to (-1 until installed).
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Routes SIGTERM, SIGINT and SIGHUP to `evt`, so they end the VM cleanly (SHUTDOWN event,
+/// sockets removed, terminal restored) instead of killing the process mid-flight.
+pub fn install_termination_handler(evt: &EventFd) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        let fd = SIGNAL_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: write(2) is async-signal-safe; the buffer is a live 8-byte local and the
+            // fd is an eventfd that lives for the whole process (leaked by the installer).
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+    }
+    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_signal)
+            .map_err(|e| VmmError::EventLoop(format!("cannot install a signal handler: {e}")))?;
+    }
+    Ok(())
+}
