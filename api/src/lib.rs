@@ -1,4 +1,6 @@
-//! The vmm's user-facing contracts: the JSON configuration schema and its validation.
+//! The vmm's user-facing contracts: the JSON configuration schema and its validation, the
+//! control plane's vocabulary ([`VmmAction`]), and its two front doors: the REST API
+//! ([`http::ApiServer`]) and the QMP monitor ([`qmp::QmpServer`]).
 //!
 //! This crate is a leaf: it knows nothing of KVM or devices. The `vmm` builder is the one place
 //! that turns these types into device constructor arguments.
@@ -6,6 +8,9 @@
 pub mod action;
 pub mod config;
 pub mod controller;
+pub mod http;
+pub mod qmp;
+pub mod server;
 
 pub use action::{
     ActionError, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction,

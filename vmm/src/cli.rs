@@ -13,8 +13,19 @@ use clap::Parser;
 ///
 /// Example: vmm --kernel vmlinuz --initrd initrd.gz --cpus 2 --memory 256
 #[derive(Debug, Parser)]
-#[command(name = "vmm", version, about, long_about, after_help = AFTER_HELP)]
+#[command(
+    name = "vmm",
+    version,
+    about,
+    long_about,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// A tool instead of running a VM (`vmm ctl ...`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// JSON configuration file (see resources/examples/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -54,6 +65,13 @@ pub struct Cli {
     /// Serve a QMP monitor: unix:PATH or tcp:HOST:PORT (repeatable; adds to the file's).
     #[arg(long, value_name = "ENDPOINT")]
     pub qmp: Vec<QmpEndpoint>,
+}
+
+/// Subcommands: tools that do not run a VM.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Control a running VMM through its API socket.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 const AFTER_HELP: &str = "\

@@ -8,6 +8,7 @@
 pub mod builder;
 pub mod cli;
 pub mod console;
+pub mod ctl;
 pub mod device_manager;
 pub mod kvm;
 pub mod runtime;
@@ -20,6 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use api::controller::{action_channel, EventBus};
+use api::http::ApiServer;
+use api::qmp::QmpServer;
 use api::{ActionError, OnReboot, ShutdownCause, VmConfig, VmEvent, VmState};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +54,9 @@ pub enum VmmError {
         /// KVM_CAP_MAX_VCPUS.
         max: usize,
     },
+    /// A control socket could not be opened.
+    #[error(transparent)]
+    Server(#[from] api::server::ServerError),
     /// The console backend could not be opened.
     #[error(transparent)]
     Console(#[from] ConsoleError),
@@ -115,20 +121,41 @@ pub fn run(cfg: &VmConfig) -> Result<(), VmmError> {
     };
     let signal = eventfd()?;
     runtime::install_termination_handler(&signal)?;
-    let (_controller, inbox) = action_channel()
+    let (controller, inbox) = action_channel()
         .map_err(|e| VmmError::EventLoop(format!("cannot create the action channel: {e}")))?;
+    let bus = EventBus::new();
+    let qmp = match cfg.qmp.is_empty() {
+        true => None,
+        false => {
+            let events = bus
+                .subscribe()
+                .map_err(|e| VmmError::EventLoop(format!("cannot subscribe to VM events: {e}")))?;
+            Some(QmpServer::start(&cfg.qmp, controller.clone(), events)?)
+        }
+    };
+    let api = match &cfg.api_socket {
+        Some(path) => Some(ApiServer::start(path, controller.clone())?),
+        None => None,
+    };
     let shared = Shared {
         config: Arc::new(cfg.clone()),
         inbox: Rc::new(inbox),
-        bus: EventBus::new(),
+        bus,
         state: Rc::new(Cell::new(VmState::Running)),
         signal,
     };
     let serial = SerialBackend::open(&cfg.serial)?;
     let result = run_vm(&hv, &cpuid, cfg, &serial, &shared);
-    // Whoever still waits for an answer gets one.
+    // Whoever still waits for an answer gets one; then the doors flush what they have queued
+    // (the SHUTDOWN event above all), close, and remove their socket files.
     for req in shared.inbox.drain() {
         (req.reply)(Err(ActionError::Unavailable));
+    }
+    if let Some(qmp) = qmp {
+        qmp.shutdown();
+    }
+    if let Some(api) = api {
+        api.shutdown();
     }
     result
 }

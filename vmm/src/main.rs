@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
     let cli = Cli::parse();
+    if let Some(vmm::cli::Command::Ctl(args)) = &cli.command {
+        return vmm::ctl::main(args);
+    }
     let cfg = match cli.into_config(vmm::kvm::host_memory_mib()) {
         Ok(cfg) => cfg,
         Err(e) => {

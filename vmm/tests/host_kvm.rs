@@ -163,10 +163,21 @@ fn sigterm_ends_the_vm_cleanly() {
         return;
     }
     let dir = Scratch::new("sigterm");
-    let code = Asm::default().print("WAITING\n").halt_forever().code.clone();
+    let code = Asm::default()
+        .print("WAITING\n")
+        .halt_forever()
+        .code
+        .clone();
     let kernel = dir.write("guest.elf", &tiny_elf(&code));
     let mut child = Command::new(vmm_bin())
-        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64", "--cpus", "2"])
+        .args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cpus",
+            "2",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

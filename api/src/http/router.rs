@@ -1,0 +1,283 @@
+//! The REST API's routes, what each turns into, and the HTTP responses (JSON bodies, errors as
+//! `{"error": "..."}`). `api/openapi.json` documents exactly [`ROUTES`] (a test checks it).
+
+use serde_json::{json, Value};
+
+use crate::action::{ActionError, VmmAction, VmmResponse};
+use crate::controller::Reply;
+
+/// One operation of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /vm`: state, configuration, vCPUs.
+    GetVm,
+    /// `GET /version`.
+    GetVersion,
+    /// `PUT /vm/pause`.
+    Pause,
+    /// `PUT /vm/resume`.
+    Resume,
+    /// `PUT /vm/power-button`.
+    PowerButton,
+    /// `PUT /vm/reset`.
+    Reset,
+    /// `PUT /vm/shutdown`.
+    Shutdown,
+}
+
+/// Every route: method, path, operation.
+pub const ROUTES: &[(&str, &str, Route)] = &[
+    ("GET", "/vm", Route::GetVm),
+    ("GET", "/version", Route::GetVersion),
+    ("PUT", "/vm/pause", Route::Pause),
+    ("PUT", "/vm/resume", Route::Resume),
+    ("PUT", "/vm/power-button", Route::PowerButton),
+    ("PUT", "/vm/reset", Route::Reset),
+    ("PUT", "/vm/shutdown", Route::Shutdown),
+];
+
+impl Route {
+    /// The action it submits.
+    pub fn action(self) -> VmmAction {
+        match self {
+            Route::GetVm => VmmAction::GetVmInfo,
+            Route::GetVersion => VmmAction::GetVersion,
+            Route::Pause => VmmAction::Pause,
+            Route::Resume => VmmAction::Resume,
+            Route::PowerButton => VmmAction::PowerButton,
+            Route::Reset => VmmAction::Reset,
+            Route::Shutdown => VmmAction::Shutdown,
+        }
+    }
+
+    fn takes_body(self) -> bool {
+        !matches!(self, Route::GetVm | Route::GetVersion)
+    }
+}
+
+/// An HTTP response to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Response {
+    /// Status code.
+    pub(crate) status: u16,
+    /// JSON body, if any.
+    pub(crate) body: Option<Value>,
+    /// `Allow` header (405).
+    pub(crate) allow: Option<String>,
+}
+
+impl Response {
+    /// An error with a JSON `{"error": msg}` body.
+    pub(crate) fn error(status: u16, msg: impl Into<String>) -> Response {
+        Response {
+            status,
+            body: Some(json!({ "error": msg.into() })),
+            allow: None,
+        }
+    }
+
+    fn ok(body: Value) -> Response {
+        Response {
+            status: 200,
+            body: Some(body),
+            allow: None,
+        }
+    }
+
+    fn no_content() -> Response {
+        Response {
+            status: 204,
+            body: None,
+            allow: None,
+        }
+    }
+
+    /// Appends the serialized response to `out`.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
+        let body = self
+            .body
+            .as_ref()
+            .map(|b| {
+                let mut v = serde_json::to_vec(b).unwrap_or_default();
+                v.push(b'\n');
+                v
+            })
+            .unwrap_or_default();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nServer: vmm/{}\r\n",
+            self.status,
+            reason(self.status),
+            env!("CARGO_PKG_VERSION")
+        );
+        if self.body.is_some() {
+            head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        if let Some(allow) = &self.allow {
+            head.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(&body);
+    }
+}
+
+/// The reason phrase of the statuses we send.
+pub(crate) fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Finds the route for `method` and `path`, or the 404/405 response.
+pub(crate) fn route(method: &str, path: &str) -> Result<Route, Response> {
+    let mut allowed: Vec<&str> = Vec::new();
+    for (m, p, r) in ROUTES {
+        if *p == path {
+            if *m == method {
+                return Ok(*r);
+            }
+            allowed.push(m);
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Response::error(404, format!("no such resource: {path}")));
+    }
+    let allow = allowed.join(", ");
+    let mut resp = Response::error(
+        405,
+        format!("method {method} not allowed on {path} (allowed: {allow})"),
+    );
+    resp.allow = Some(allow);
+    Err(resp)
+}
+
+/// Checks a request body: action routes accept none, or an empty JSON object; queries ignore it.
+pub(crate) fn check_body(route: Route, body: &[u8]) -> Result<(), Response> {
+    if !route.takes_body() || body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Err(e) => Err(Response::error(
+            400,
+            format!("request body is not valid JSON: {e}"),
+        )),
+        Ok(Value::Object(m)) => match m.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(Response::error(
+                400,
+                format!("unexpected field `{k}` in the request body (this request takes none)"),
+            )),
+        },
+        Ok(_) => Err(Response::error(
+            400,
+            "the request body must be empty or a JSON object",
+        )),
+    }
+}
+
+/// The response to `route` given the VMM's reply.
+pub(crate) fn respond(route: Route, reply: Reply) -> Response {
+    match reply {
+        Ok(VmmResponse::VmInfo(info)) if route == Route::GetVm => {
+            Response::ok(serde_json::to_value(&info).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::Version(v)) if route == Route::GetVersion => {
+            Response::ok(serde_json::to_value(&v).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
+        Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),
+        Err(e @ ActionError::InvalidState { .. }) => Response::error(409, e.to_string()),
+        Err(e @ ActionError::Failed { .. }) => Response::error(500, e.to_string()),
+        Err(e @ ActionError::Unavailable) => Response::error(503, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::{VersionInfo, VmState};
+
+    #[test]
+    fn routes_404_405() {
+        assert_eq!(route("GET", "/vm"), Ok(Route::GetVm));
+        assert_eq!(route("PUT", "/vm/power-button"), Ok(Route::PowerButton));
+        assert_eq!(route("GET", "/nope").unwrap_err().status, 404);
+        let r = route("POST", "/vm/pause").unwrap_err();
+        assert_eq!(r.status, 405);
+        assert_eq!(r.allow.as_deref(), Some("PUT"));
+        assert_eq!(
+            route("DELETE", "/vm").unwrap_err().allow.as_deref(),
+            Some("GET")
+        );
+    }
+
+    #[test]
+    fn bodies() {
+        assert!(check_body(Route::Pause, b"").is_ok());
+        assert!(check_body(Route::Pause, b" {} \n").is_ok());
+        assert!(check_body(Route::GetVm, b"junk").is_ok());
+        assert_eq!(check_body(Route::Pause, b"{").unwrap_err().status, 400);
+        assert_eq!(check_body(Route::Pause, b"[1]").unwrap_err().status, 400);
+        let e = check_body(Route::Reset, br#"{"force": true}"#).unwrap_err();
+        assert!(e.body.unwrap()["error"].as_str().unwrap().contains("force"));
+    }
+
+    #[test]
+    fn replies_map_to_statuses() {
+        assert_eq!(respond(Route::Pause, Ok(VmmResponse::Done)).status, 204);
+        let v = respond(
+            Route::GetVersion,
+            Ok(VmmResponse::Version(VersionInfo::current())),
+        );
+        assert_eq!(v.status, 200);
+        assert_eq!(v.body.unwrap()["version"], env!("CARGO_PKG_VERSION"));
+        let busy = ActionError::InvalidState {
+            action: "pause",
+            state: VmState::Paused,
+        };
+        assert_eq!(respond(Route::Pause, Err(busy)).status, 409);
+        assert_eq!(
+            respond(Route::Reset, Err(ActionError::Unavailable)).status,
+            503
+        );
+        let failed = ActionError::Failed {
+            action: "reset",
+            reason: "x".into(),
+        };
+        assert_eq!(respond(Route::Reset, Err(failed)).status, 500);
+    }
+
+    #[test]
+    fn response_bytes() {
+        let mut out = Vec::new();
+        Response::no_content().write(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n"));
+        assert!(!text.contains("Content-Length"));
+        let mut out = Vec::new();
+        route("POST", "/vm").unwrap_err().write(&mut out, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\r\nAllow: GET\r\n"));
+        assert!(text.contains("\r\nConnection: close\r\n"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+    }
+}

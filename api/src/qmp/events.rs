@@ -1,0 +1,68 @@
+//! The VM's events as QMP events (qapi/run-state.json): STOP, RESUME, POWERDOWN, and RESET /
+//! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names), stamped with the time the
+//! VMM published them.
+
+use std::time::UNIX_EPOCH;
+
+use serde_json::{json, Map, Value};
+
+use crate::action::{ShutdownCause, VmEvent};
+use crate::controller::TimedEvent;
+
+fn cause_data(cause: ShutdownCause) -> Value {
+    json!({"guest": cause.by_guest(), "reason": cause})
+}
+
+/// The QMP event object for `ev` (`data` only for events that have members, as QEMU does).
+pub(crate) fn event_json(ev: &TimedEvent) -> Value {
+    let (name, data) = match ev.event {
+        VmEvent::Stop => ("STOP", None),
+        VmEvent::Resume => ("RESUME", None),
+        VmEvent::Powerdown => ("POWERDOWN", None),
+        VmEvent::Reset(c) => ("RESET", Some(cause_data(c))),
+        VmEvent::Shutdown(c) => ("SHUTDOWN", Some(cause_data(c))),
+    };
+    let (seconds, microseconds) = match ev.at.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_micros())),
+        Err(_) => (-1, -1),
+    };
+    let mut m = Map::new();
+    m.insert("event".into(), name.into());
+    if let Some(d) = data {
+        m.insert("data".into(), d);
+    }
+    m.insert(
+        "timestamp".into(),
+        json!({"seconds": seconds, "microseconds": microseconds}),
+    );
+    Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn events_map_to_qmp() {
+        let at = UNIX_EPOCH + Duration::new(1_258_551_470, 802_384_000);
+        let ev = |event| event_json(&TimedEvent { event, at });
+        assert_eq!(
+            ev(VmEvent::Powerdown),
+            json!({"event": "POWERDOWN", "timestamp": {"seconds": 1_258_551_470i64, "microseconds": 802_384}})
+        );
+        assert_eq!(ev(VmEvent::Stop)["event"], "STOP");
+        assert_eq!(ev(VmEvent::Resume)["event"], "RESUME");
+        let r = ev(VmEvent::Reset(ShutdownCause::HostQmpSystemReset));
+        assert_eq!(
+            r["data"],
+            json!({"guest": false, "reason": "host-qmp-system-reset"})
+        );
+        let s = ev(VmEvent::Shutdown(ShutdownCause::GuestShutdown));
+        assert_eq!(s["event"], "SHUTDOWN");
+        assert_eq!(
+            s["data"],
+            json!({"guest": true, "reason": "guest-shutdown"})
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! Shared test scaffolding: a fake VMM thread (drains the controller inbox, keeps a `VmState`,
+//! answers, publishes events on an `EventBus` the way the real VMM does) and small QMP and HTTP
+//! clients over real sockets.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use api::controller::{action_channel, ControllerHandle, EventBus, EventReceiver};
+use api::{
+    ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState, VmmAction,
+    VmmResponse,
+};
+use serde_json::Value;
+
+/// How long a test waits for any single answer.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A fresh directory for this test's sockets.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("api-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A stand-in for the VMM thread.
+pub struct FakeVmm {
+    pub bus: EventBus,
+    pub state: Arc<Mutex<VmState>>,
+    /// Every action received, in order.
+    pub seen: Arc<Mutex<Vec<VmmAction>>>,
+    /// Replies are held this long (to test clients that leave mid-command).
+    pub delay: Arc<Mutex<Duration>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeVmm {
+    /// Starts the fake VMM; returns it and the handle the doors submit to.
+    pub fn start() -> (FakeVmm, ControllerHandle) {
+        let (handle, inbox) = action_channel().unwrap();
+        let bus = EventBus::new();
+        let state = Arc::new(Mutex::new(VmState::Running));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, st, sn, dl, sp) = (
+            bus.clone(),
+            state.clone(),
+            seen.clone(),
+            delay.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: inbox.waker().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 20) };
+                for req in inbox.drain() {
+                    sn.lock().unwrap().push(req.action.clone());
+                    let d = *dl.lock().unwrap();
+                    if !d.is_zero() {
+                        std::thread::sleep(d);
+                    }
+                    let mut s = st.lock().unwrap();
+                    let reply = match s.check(&req.action) {
+                        Err(e) => Err(e),
+                        Ok(next) => {
+                            *s = next;
+                            // Like QEMU: the event goes out before the command's return.
+                            match req.action {
+                                VmmAction::Pause => b.publish(VmEvent::Stop),
+                                VmmAction::Resume => b.publish(VmEvent::Resume),
+                                VmmAction::PowerButton => b.publish(VmEvent::Powerdown),
+                                VmmAction::Reset => {
+                                    b.publish(VmEvent::Reset(ShutdownCause::HostQmpSystemReset))
+                                }
+                                _ => {}
+                            }
+                            Ok(match req.action {
+                                VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
+                                    state: *s,
+                                    config: VmConfig::default(),
+                                    vcpus: vec![
+                                        VcpuInfo {
+                                            index: 0,
+                                            thread_id: Some(4242),
+                                        },
+                                        VcpuInfo {
+                                            index: 1,
+                                            thread_id: Some(4243),
+                                        },
+                                    ],
+                                })),
+                                VmmAction::GetVersion => {
+                                    VmmResponse::Version(VersionInfo::current())
+                                }
+                                _ => VmmResponse::Done,
+                            })
+                        }
+                    };
+                    drop(s);
+                    (req.reply)(reply);
+                }
+            }
+        });
+        (
+            FakeVmm {
+                bus,
+                state,
+                seen,
+                delay,
+                stop,
+                thread: Some(thread),
+            },
+            handle,
+        )
+    }
+
+    /// A new event subscriber (for a QMP server).
+    pub fn events(&self) -> EventReceiver {
+        self.bus.subscribe().unwrap()
+    }
+
+    pub fn state(&self) -> VmState {
+        *self.state.lock().unwrap()
+    }
+}
+
+impl Drop for FakeVmm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A QMP client over a real socket.
+pub struct Qmp {
+    reader: BufReader<Box<dyn Read + Send>>,
+    writer: Box<dyn Write + Send>,
+    /// Events received while waiting for answers.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    pub fn unix(path: &Path) -> Qmp {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let r = s.try_clone().unwrap();
+        Qmp::new(Box::new(r), Box::new(s))
+    }
+
+    pub fn tcp(addr: SocketAddr) -> Qmp {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let r = s.try_clone().unwrap();
+        Qmp::new(Box::new(r), Box::new(s))
+    }
+
+    fn new(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Qmp {
+        Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+            events: Vec::new(),
+        }
+    }
+
+    /// Connects and checks the greeting; negotiates if asked.
+    pub fn greeted(mut self, negotiate: bool) -> Qmp {
+        let g = self.recv().expect("greeting");
+        assert_eq!(g["QMP"]["capabilities"], serde_json::json!([]));
+        if negotiate {
+            let r = self.cmd(&serde_json::json!({"execute": "qmp_capabilities"}));
+            assert_eq!(r, serde_json::json!({"return": {}}));
+        }
+        self
+    }
+
+    /// One line (must end in CRLF), parsed; `None` at EOF.
+    pub fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => {
+                assert!(line.ends_with("\r\n"), "not CRLF-terminated: {line:?}");
+                assert!(line.is_ascii(), "not ASCII: {line:?}");
+                Some(serde_json::from_str(&line).unwrap())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)?;
+        self.writer.flush()
+    }
+
+    /// The next non-event message (events are kept in `events`).
+    pub fn answer(&mut self) -> Value {
+        loop {
+            let v = self.recv().expect("answer before EOF");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, req: &Value) -> Value {
+        self.send_raw(serde_json::to_string(req).unwrap().as_bytes())
+            .unwrap();
+        self.answer()
+    }
+
+    /// Waits for the event `name` (already received or next).
+    pub fn event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.recv().unwrap_or_else(|| panic!("EOF before {name}"));
+            if v["event"] == name {
+                return v;
+            }
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// True if the server closes the connection (EOF or reset) within `WAIT`, skipping output.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// An HTTP response as the tests see it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// An HTTP/1.1 client on the API socket, parsing responses with httparse.
+pub struct Http {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    pub fn connect(path: &Path) -> Http {
+        let stream = UnixStream::connect(path).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        Http {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn request(&mut self, method: &str, path: &str) -> HttpResponse {
+        let raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.send_raw(raw.as_bytes()).unwrap();
+        self.response().expect("a response")
+    }
+
+    /// The next response, or `None` at EOF.
+    pub fn response(&mut self) -> Option<HttpResponse> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.buf) {
+                let status = resp.code.unwrap();
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).to_string(),
+                        )
+                    })
+                    .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map(|(_, v)| v.parse().unwrap())
+                    .unwrap_or(0);
+                if self.buf.len() >= n + len {
+                    let body = self.buf[n..n + len].to_vec();
+                    self.buf.drain(..n + len);
+                    return Some(HttpResponse {
+                        status,
+                        headers,
+                        body,
+                    });
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// True if the server closes the connection within `WAIT`.
+    pub fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The real `qemu.qmp` Python library (what QEMU's own tests and tools use) drives our QMP
+//! server over TCP through the lifecycle, against the fake VMM. Skipped, with a note, where
+//! `python3 -c 'import qemu.qmp'` fails (`pip install qemu.qmp` to run it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use api::qmp::QmpServer;
+use api::{QmpEndpoint, ShutdownCause, VmEvent};
+use common::FakeVmm;
+
+const SCRIPT: &str = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient, ExecuteError
+
+async def main(host, port):
+    qmp = QMPClient('api-test')
+    await qmp.connect((host, port))
+    v = qmp.greeting.QMP.version['qemu']
+    assert qmp.greeting.QMP.capabilities == [], qmp.greeting.QMP.capabilities
+    assert set(v) == {'major', 'minor', 'micro'}, v
+    st = await qmp.execute('query-status')
+    assert st == {'running': True, 'singlestep': False, 'status': 'running'}, st
+    with qmp.listener() as events:
+        assert await qmp.execute('stop') == {}
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['event'] == 'STOP', ev
+        assert (await qmp.execute('query-status'))['status'] == 'paused'
+        await qmp.execute('cont')
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['event'] == 'RESUME', ev
+        out = await qmp.execute('human-monitor-command', {'command-line': 'info status'})
+        assert out == 'VM status: running\r\n', repr(out)
+        try:
+            await qmp.execute('frobnicate')
+            raise AssertionError('no error')
+        except ExecuteError as e:
+            assert e.error_class == 'CommandNotFound', e
+        try:
+            await qmp.execute('stop', {'now': True})
+            raise AssertionError('no error')
+        except ExecuteError as e:
+            assert e.error_class == 'GenericError' and 'unexpected' in str(e), e
+        cpus = await qmp.execute('query-cpus-fast')
+        assert cpus[0]['qom-path'] == '/machine/unattached/device[0]', cpus
+        await qmp.execute('system_reset')
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['event'] == 'RESET' and ev['data']['reason'] == 'host-qmp-system-reset', ev
+        await qmp.execute('system_powerdown')
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['event'] == 'POWERDOWN', ev
+        print('READY', flush=True)
+        ev = await asyncio.wait_for(events.get(), 10)
+        assert ev['event'] == 'SHUTDOWN', ev
+        assert ev['data'] == {'guest': True, 'reason': 'guest-shutdown'}, ev
+    try:
+        await qmp.disconnect()
+    except EOFError:
+        pass  # the server closed after SHUTDOWN, as QEMU does when it exits
+    print('OK', flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"#;
+
+#[test]
+fn qemu_qmp_library_drives_the_lifecycle() {
+    let has_lib = Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_lib {
+        eprintln!("skipped: python3 with qemu.qmp not available (pip install qemu.qmp)");
+        return;
+    }
+    let (vmm, handle) = FakeVmm::start();
+    let server = QmpServer::start(
+        &[QmpEndpoint::Tcp("127.0.0.1:0".into())],
+        handle,
+        vmm.events(),
+    )
+    .unwrap();
+    let addr = server.tcp_addrs()[0];
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            SCRIPT,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("READY"), "the script failed early");
+    // The guest powers off: SHUTDOWN is published and the server stops at once.
+    vmm.bus
+        .publish(VmEvent::Shutdown(ShutdownCause::GuestShutdown));
+    server.shutdown();
+    let last = lines.next().and_then(Result::ok);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "qemu.qmp script failed: {status}");
+    assert_eq!(last.as_deref(), Some("OK"));
+}

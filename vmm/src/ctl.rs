@@ -1,0 +1,369 @@
+//! `vmm ctl`: a client for people, over the REST API socket of a running VMM.
+//!
+//! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version` sends one
+//! HTTP/1.1 request (`Connection: close`), reads the response with `httparse`, prints the JSON
+//! of `info`/`version` indented, and turns every failure into one clear line and a non-zero
+//! exit status.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long `vmm ctl` waits for the VMM.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest response accepted.
+const MAX_RESPONSE: usize = 4 << 20;
+
+/// `vmm ctl` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CtlArgs {
+    /// The running VMM's API socket (its --api-socket).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    /// What to do.
+    #[arg(value_enum)]
+    pub command: CtlCommand,
+}
+
+/// A `vmm ctl` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CtlCommand {
+    /// Stop the vCPUs.
+    Pause,
+    /// Restart the vCPUs.
+    Resume,
+    /// Press the ACPI power button (clean guest shutdown).
+    PowerButton,
+    /// Hardware reset.
+    Reset,
+    /// Stop the VM now; the VMM exits.
+    Shutdown,
+    /// Show the VM's state, configuration and vCPUs.
+    Info,
+    /// Show the VMM's version.
+    Version,
+}
+
+impl CtlCommand {
+    /// The HTTP method and path of the command.
+    pub fn route(self) -> (&'static str, &'static str) {
+        match self {
+            CtlCommand::Pause => ("PUT", "/vm/pause"),
+            CtlCommand::Resume => ("PUT", "/vm/resume"),
+            CtlCommand::PowerButton => ("PUT", "/vm/power-button"),
+            CtlCommand::Reset => ("PUT", "/vm/reset"),
+            CtlCommand::Shutdown => ("PUT", "/vm/shutdown"),
+            CtlCommand::Info => ("GET", "/vm"),
+            CtlCommand::Version => ("GET", "/version"),
+        }
+    }
+}
+
+/// Why `vmm ctl` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Nothing at the socket path.
+    #[error("{0}: no such socket (is the VMM running with --api-socket {0}?)")]
+    NoSocket(PathBuf),
+    /// A socket file nobody listens on.
+    #[error("{0}: connection refused (the VMM is not running)")]
+    Refused(PathBuf),
+    /// Any other connect error.
+    #[error("{path}: cannot connect: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Sending or receiving failed.
+    #[error("talking to the VMM: {0}")]
+    Io(#[from] std::io::Error),
+    /// The answer is not HTTP as we know it.
+    #[error("malformed response from the VMM: {0}")]
+    BadResponse(String),
+    /// The VMM refused or failed: its message and the status.
+    #[error("{message} (HTTP {status})")]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The server's `error` message.
+        message: String,
+    },
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// Sends one request to the API socket and reads the response.
+pub fn request(socket: &Path, method: &str, path: &str) -> Result<CtlResponse, CtlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => CtlError::NoSocket(socket.to_path_buf()),
+        std::io::ErrorKind::ConnectionRefused => CtlError::Refused(socket.to_path_buf()),
+        _ => CtlError::Connect {
+            path: socket.to_path_buf(),
+            source: e,
+        },
+    })?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(resp) = parse_response(&buf)? {
+            return Ok(resp);
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err(CtlError::BadResponse("response too large".into()));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(CtlError::BadResponse(if buf.is_empty() {
+                    "the connection closed without an answer".into()
+                } else {
+                    "the connection closed mid-response".into()
+                }))
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A complete final response at the front of `buf` (interim 1xx responses are skipped).
+fn parse_response(buf: &[u8]) -> Result<Option<CtlResponse>, CtlError> {
+    let mut rest = buf;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let n = match resp.parse(rest) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(CtlError::BadResponse(e.to_string())),
+        };
+        let status = resp.code.unwrap_or(0);
+        if (100..200).contains(&status) {
+            rest = &rest[n..];
+            continue;
+        }
+        let mut len = 0usize;
+        for h in resp.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                len = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| CtlError::BadResponse("invalid Content-Length".into()))?;
+            }
+        }
+        if rest.len() < n + len {
+            return Ok(None);
+        }
+        return Ok(Some(CtlResponse {
+            status,
+            body: rest[n..n + len].to_vec(),
+        }));
+    }
+}
+
+/// Runs `cmd` against `socket`: the text to print on success (empty for actions).
+pub fn execute(socket: &Path, cmd: CtlCommand) -> Result<String, CtlError> {
+    let (method, path) = cmd.route();
+    let resp = request(socket, method, path)?;
+    let json: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
+    if !(200..300).contains(&resp.status) {
+        let message = json
+            .as_ref()
+            .and_then(|v| v.get("error"))
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).trim().to_string());
+        return Err(CtlError::Http {
+            status: resp.status,
+            message,
+        });
+    }
+    Ok(match json {
+        Some(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        None => String::new(),
+    })
+}
+
+/// `vmm ctl`'s main: prints the result, or one error line, and gives the exit status.
+pub fn main(args: &CtlArgs) -> ExitCode {
+    match execute(&args.api_socket, args.command) {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm ctl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::controller::action_channel;
+    use api::http::ApiServer;
+    use api::{VersionInfo, VmConfig, VmInfo, VmState, VmmAction, VmmResponse};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmm-ctl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn commands_against_a_real_api_server() {
+        let sock = tmp("real").join("api.sock");
+        let (handle, inbox) = action_channel().unwrap();
+        let server = ApiServer::start(&sock, handle).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let vmm = std::thread::spawn(move || {
+            let mut state = VmState::Running;
+            while !s.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: inbox.waker().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 20) };
+                for req in inbox.drain() {
+                    let reply = state.check(&req.action).map(|next| {
+                        state = next;
+                        match req.action {
+                            VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
+                                state,
+                                config: VmConfig::default(),
+                                vcpus: vec![],
+                            })),
+                            VmmAction::GetVersion => VmmResponse::Version(VersionInfo::current()),
+                            _ => VmmResponse::Done,
+                        }
+                    });
+                    (req.reply)(reply);
+                }
+            }
+        });
+        let info = execute(&sock, CtlCommand::Info).unwrap();
+        assert!(info.contains("\"state\": \"running\""), "{info}");
+        assert!(info.contains('\n'), "pretty-printed");
+        let v = execute(&sock, CtlCommand::Version).unwrap();
+        assert!(v.contains(env!("CARGO_PKG_VERSION")));
+        assert_eq!(execute(&sock, CtlCommand::Pause).unwrap(), "");
+        let e = execute(&sock, CtlCommand::Pause).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot pause while the VM is paused (HTTP 409)"
+        );
+        assert_eq!(execute(&sock, CtlCommand::Resume).unwrap(), "");
+        assert_eq!(execute(&sock, CtlCommand::PowerButton).unwrap(), "");
+        assert_eq!(execute(&sock, CtlCommand::Reset).unwrap(), "");
+        assert_eq!(execute(&sock, CtlCommand::Shutdown).unwrap(), "");
+        stop.store(true, Ordering::Relaxed);
+        vmm.join().unwrap();
+        // The VMM thread is gone: the server answers 503.
+        let e = execute(&sock, CtlCommand::Info).unwrap_err();
+        assert!(matches!(e, CtlError::Http { status: 503, .. }), "{e}");
+        server.shutdown();
+        let e = execute(&sock, CtlCommand::Info).unwrap_err();
+        assert!(matches!(e, CtlError::NoSocket(_)), "{e}");
+        assert!(e.to_string().contains("--api-socket"));
+    }
+
+    #[test]
+    fn stale_socket_is_connection_refused() {
+        let sock = tmp("stale").join("api.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let e = execute(&sock, CtlCommand::Pause).unwrap_err();
+        assert!(matches!(e, CtlError::Refused(_)), "{e}");
+    }
+
+    #[test]
+    fn responses_are_parsed_with_interim_and_partial() {
+        assert_eq!(parse_response(b"HTTP/1.1 204 No").unwrap(), None);
+        let r = parse_response(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"{}");
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}").unwrap(),
+            None
+        );
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn command_names_are_kebab_case() {
+        use clap::ValueEnum;
+        let names: Vec<String> = CtlCommand::value_variants()
+            .iter()
+            .filter_map(|c| c.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "pause",
+                "resume",
+                "power-button",
+                "reset",
+                "shutdown",
+                "info",
+                "version"
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn ctl_is_a_subcommand_and_vm_flags_still_parse() {
+        let cli =
+            Cli::try_parse_from(["vmm", "ctl", "--api-socket", "/run/a.sock", "info"]).unwrap();
+        let Some(Command::Ctl(args)) = cli.command else {
+            panic!("no ctl")
+        };
+        assert_eq!(args.api_socket.to_str(), Some("/run/a.sock"));
+        assert_eq!(args.command, super::CtlCommand::Info);
+        let cli = Cli::try_parse_from(["vmm", "--config", "vm.json", "--cpus", "2"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(
+            Cli::try_parse_from(["vmm", "--cpus", "2", "ctl", "--api-socket", "x", "info"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["vmm", "ctl", "--api-socket", "x", "frob"]).is_err());
+    }
+}
