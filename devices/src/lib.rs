@@ -8,10 +8,12 @@
 //! the `vmm` crate wires those to irqfds and to its event loop.
 
 pub mod acpi_pm;
+pub mod block;
 pub mod bus;
 pub mod chardev;
 pub mod cmos;
 pub mod ged;
 pub mod i8042;
 pub mod interrupt;
+pub mod pci;
 pub mod serial;
