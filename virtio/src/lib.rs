@@ -1,1 +1,22 @@
-//! virtio crate (being built).
+//! virtio devices and their transport.
+//!
+//! - [`device`]: the [`VirtioDevice`] trait every device model implements (features, config
+//!   space, activate/reset), the interrupt trait object devices signal through, and the
+//!   feature and status constants.
+//! - [`transport`]: the virtio-pci modern (1.x only) transport, a `devices::pci::PciDevice`
+//!   with MSI-X that wraps any [`VirtioDevice`], and the event-manager glue that dispatches
+//!   queue notifications and backend fds to it.
+//! - [`block`]: virtio-blk over a `devices::block::DiskImage`.
+//!
+//! Queue logic (e.g. [`block::BlockQueueHandler`]) is kept apart from the event glue so it can be
+//! driven without KVM through `virtio_queue::mock::MockSplitQueue`.
+
+pub mod block;
+pub mod device;
+pub mod transport;
+
+pub use device::{
+    ActivateContext, ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
+};
+pub use transport::{VirtioPciDevice, VirtioPciError};

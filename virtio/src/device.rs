@@ -1,0 +1,136 @@
+//! The contract between a virtio device model and its transport: [`VirtioDevice`].
+//!
+//! Life cycle: the transport negotiates features with the driver, then calls
+//! [`VirtioDevice::activate`] once the driver sets DRIVER_OK, handing over guest memory, the
+//! enabled queues with duplicates of their notification EventFds, and an interrupt object.
+//! [`VirtioDevice::reset`] (driver writes 0 to the status, unloads, or the guest reboots) must
+//! drop everything activation gave the device, so any number of activate/reset cycles leaks no
+//! file descriptors and no threads. The transport's event glue calls
+//! [`VirtioDevice::process_queue`] when a queue is notified, and
+//! [`VirtioDevice::process_backend`] when one of [`VirtioDevice::backend_fds`] is ready.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use event_manager::EventSet;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The guest memory type devices work on.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Feature bit: the device complies with virtio 1.x (mandatory for the modern transport).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: the driver may use indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: used_event / avail_event notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status: the guest noticed the device.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+/// Device status: the guest has a driver for it.
+pub const STATUS_DRIVER: u8 = 2;
+/// Device status: the driver is ready; the device is live.
+pub const STATUS_DRIVER_OK: u8 = 4;
+/// Device status: feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u8 = 8;
+/// Device status: the device hit an error and needs a reset.
+pub const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
+/// Device status: the driver gave up on the device.
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Bit mask of a feature bit number.
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// What an interrupt is about; the transport maps it to an MSI-X vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device configuration space changed.
+    Config,
+    /// Queue `n` has new used buffers.
+    Queue(u16),
+}
+
+/// How a device signals the driver. Implemented by the transport; called from the event-loop
+/// thread.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Signals the driver.
+    fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()>;
+}
+
+/// One enabled queue handed to [`VirtioDevice::activate`].
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// Its state as configured by the driver (size, ring addresses, event-idx setting).
+    pub queue: Queue,
+    /// A duplicate of the queue's notification EventFd (the transport keeps the original and
+    /// drives [`VirtioDevice::process_queue`] from it; devices offloading a queue, e.g. to
+    /// vhost, use this one).
+    pub notify: EventFd,
+}
+
+/// Everything a device needs to run.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The enabled queues.
+    pub queues: Vec<ActiveQueue>,
+    /// Where to send interrupts.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the device needs was not enabled by the driver.
+    #[error("queue {0} was not enabled by the driver")]
+    MissingQueue(u16),
+    /// A queue's configuration does not fit guest memory.
+    #[error("queue {0} is not valid (size or ring addresses)")]
+    InvalidQueue(u16),
+    /// The device is already running.
+    #[error("the device is already active")]
+    AlreadyActive,
+    /// The device's backend is gone (a previous failure consumed it).
+    #[error("the device has no backend")]
+    NoBackend,
+    /// Creating a resource failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// virtio device type (2 = block, 1 = net, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (the transport adds `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// Reads the device configuration space at `offset` (out of range reads as zeros).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most fields are read-only: ignored).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops the device and drops everything [`VirtioDevice::activate`] handed over; the device
+    /// can be activated again afterwards.
+    fn reset(&mut self);
+    /// Whether the device is active.
+    fn is_active(&self) -> bool;
+    /// Processes queue `index` after its notification EventFd fired.
+    fn process_queue(&mut self, index: u16);
+    /// Host fds to watch while the device is active (e.g. a tap); none by default.
+    fn backend_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// One of [`VirtioDevice::backend_fds`] (by position) is ready.
+    fn process_backend(&mut self, _index: usize, _events: EventSet) {}
+}
