@@ -46,6 +46,121 @@ pub struct VmConfig {
     /// QMP monitor endpoints.
     #[serde(default)]
     pub qmp: Vec<QmpEndpoint>,
+    /// virtio-blk disks, in PCI slot order (the first is vda).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A name for the disk, unique within the VM (defaults to `disk<N>`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Image file or host block device.
+    pub path: PathBuf,
+    /// Image format.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Refuse guest writes (the image is opened read-only).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Host cache mode, as QEMU names them.
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// Serial number the guest sees (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// Disk image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    /// The file is the disk.
+    #[default]
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
+}
+
+/// Host cache modes, with QEMU's names and meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Host page cache; guest flushes reach the disk (QEMU's default).
+    #[default]
+    Writeback,
+    /// O_DIRECT: bypass the host page cache.
+    None,
+    /// Host page cache, guest flushes ignored: fast, loses data on a host crash.
+    Unsafe,
+}
+
+/// Longest serial the virtio-blk GET_ID request can return.
+pub const DISK_SERIAL_MAX: usize = 20;
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `--disk path=P[,format=raw|qcow2][,readonly=on|off][,cache=writeback|none|unsafe]
+    /// [,serial=S][,id=I]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::Invalid {
+            field: "disk",
+            reason,
+        };
+        let mut disk = DiskConfig {
+            id: None,
+            path: PathBuf::new(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            cache: CacheMode::Writeback,
+            serial: None,
+        };
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{part}` is not KEY=VALUE")))?;
+            match k {
+                "path" => disk.path = v.into(),
+                "id" => disk.id = Some(v.to_string()),
+                "serial" => disk.serial = Some(v.to_string()),
+                "format" => {
+                    disk.format = match v {
+                        "raw" => DiskFormat::Raw,
+                        "qcow2" => DiskFormat::Qcow2,
+                        _ => return Err(bad(format!("format `{v}` is not raw or qcow2"))),
+                    }
+                }
+                "readonly" | "read_only" => {
+                    disk.read_only = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(bad(format!("readonly `{v}` is not on or off"))),
+                    }
+                }
+                "cache" => {
+                    disk.cache = match v {
+                        "writeback" => CacheMode::Writeback,
+                        "none" => CacheMode::None,
+                        "unsafe" => CacheMode::Unsafe,
+                        _ => {
+                            return Err(bad(format!(
+                                "cache `{v}` is not writeback, none or unsafe"
+                            )))
+                        }
+                    }
+                }
+                _ => return Err(bad(format!("unknown key `{k}`"))),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(bad("path=... is required".into()));
+        }
+        Ok(disk)
+    }
 }
 
 /// Where a QMP monitor listens: `{"unix": "PATH"}` or `{"tcp": "HOST:PORT"}`.
@@ -391,6 +506,49 @@ impl VmConfig {
         for ep in &self.qmp {
             ep.validate()?;
         }
+        self.validate_disks()
+    }
+
+    /// The id of disk `i`: its own, or `disk<i>`.
+    pub fn disk_id(&self, i: usize) -> String {
+        self.disks[i]
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("disk{i}"))
+    }
+
+    fn validate_disks(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::HashSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let id = self.disk_id(i);
+            let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+                field,
+                reason: format!("disk `{id}`: {reason}"),
+            };
+            if !ids.insert(id.clone()) {
+                return Err(invalid("disks.id", "the id is used twice".into()));
+            }
+            if let Some(serial) = &d.serial {
+                if serial.len() > DISK_SERIAL_MAX {
+                    return Err(invalid(
+                        "disks.serial",
+                        format!("`{serial}` is longer than {DISK_SERIAL_MAX} bytes"),
+                    ));
+                }
+            }
+            let meta = std::fs::metadata(&d.path).map_err(|e| {
+                invalid(
+                    "disks.path",
+                    format!("cannot open {}: {e}", d.path.display()),
+                )
+            })?;
+            if meta.is_dir() {
+                return Err(invalid(
+                    "disks.path",
+                    format!("{} is a directory", d.path.display()),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -570,6 +728,68 @@ mod tests {
         assert!("tcp:nohost".parse::<QmpEndpoint>().is_err());
         assert!("tcp::99999".parse::<QmpEndpoint>().is_err());
         assert!("unix:".parse::<QmpEndpoint>().is_err());
+    }
+
+    #[test]
+    fn disks_parse_from_json_and_flags() {
+        let c = parse(
+            r#"{"disks": [{"id": "root", "path": "/img", "format": "qcow2", "read_only": true,
+                           "cache": "none", "serial": "SN1"}]}"#,
+        )
+        .unwrap();
+        let d = &c.disks[0];
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert_eq!(d.format, DiskFormat::Qcow2);
+        assert!(d.read_only);
+        assert_eq!(d.cache, CacheMode::None);
+        assert!(parse(r#"{"disks": [{"path": "/img", "cache": "directsync"}]}"#).is_err());
+        assert!(parse(r#"{"disks": [{"path": "/img", "size": 1}]}"#).is_err());
+
+        let d: DiskConfig = "path=/a,format=raw,readonly=on,cache=unsafe,serial=X"
+            .parse()
+            .unwrap();
+        assert_eq!(d.path, Path::new("/a"));
+        assert!(d.read_only);
+        assert_eq!(d.cache, CacheMode::Unsafe);
+        assert_eq!(d.serial.as_deref(), Some("X"));
+        assert!("format=raw".parse::<DiskConfig>().is_err());
+        assert!("path=/a,bogus=1".parse::<DiskConfig>().is_err());
+        assert!("path=/a,readonly=maybe".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn disk_validation() {
+        let (mut c, k) = valid_with_kernel();
+        let disk = |path: &Path| DiskConfig {
+            id: None,
+            path: path.to_path_buf(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            cache: CacheMode::Writeback,
+            serial: None,
+        };
+        c.disks.push(disk(k.path()));
+        c.validate(None).unwrap();
+        c.disks.push(disk(Path::new("/nonexistent/disk.img")));
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("disks.path: disk `disk1`: cannot open"),
+            "{e}"
+        );
+        c.disks[1] = disk(k.path());
+        c.disks[1].id = Some("disk0".into());
+        assert!(c
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .contains("used twice"));
+        c.disks[1].id = None;
+        c.disks[1].serial = Some("x".repeat(21));
+        assert!(c
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 20"));
     }
 
     #[test]

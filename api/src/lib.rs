@@ -17,6 +17,6 @@ pub use action::{
     VmmResponse,
 };
 pub use config::{
-    BootConfig, ConfigError, MachineConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig,
-    MAX_VCPUS, MIN_MEMORY_MIB,
+    BootConfig, CacheMode, ConfigError, DiskConfig, DiskFormat, MachineConfig, OnReboot,
+    QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB,
 };

@@ -8,15 +8,20 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use api::VmConfig;
+use api::{DiskFormat, VmConfig};
 use boot::acpi::AcpiConfig;
 use boot::zeropage::BootParamsConfig;
+use devices::block::ImageFormat;
 use kvm_bindings::CpuId;
+use std::sync::Mutex;
+use virtio::block::Block;
+use virtio::VirtioPciDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::SerialBackend;
 use crate::device_manager::{create_platform_devices, DeviceError, PlatformDevices, PowerEvents};
 use crate::kvm::Hypervisor;
+use crate::pci::{create_pci, PciWiringError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuShared};
 use crate::vm::{Vm, VmError};
 
@@ -60,6 +65,58 @@ pub enum BuildError {
     /// An EventFd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A disk image could not be opened.
+    #[error("disks: disk `{id}`: {source}")]
+    Disk {
+        /// The disk's id.
+        id: String,
+        /// Why.
+        source: devices::block::Error,
+    },
+    /// A virtio device could not be created.
+    #[error("disks: disk `{id}`: {source}")]
+    BlockDevice {
+        /// The disk's id.
+        id: String,
+        /// Why.
+        source: virtio::block::BlockError,
+    },
+    /// PCI wiring failed.
+    #[error(transparent)]
+    Pci(#[from] PciWiringError),
+}
+
+/// Opens every configured disk and wraps it in a virtio-blk device model.
+fn open_disks(cfg: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, BuildError> {
+    let mut out: Vec<Box<dyn virtio::VirtioDevice>> = Vec::with_capacity(cfg.disks.len());
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let id = cfg.disk_id(i);
+        let format = match d.format {
+            DiskFormat::Raw => ImageFormat::Raw,
+            DiskFormat::Qcow2 => ImageFormat::Qcow2,
+        };
+        let cache = match d.cache {
+            api::CacheMode::Writeback => devices::block::CacheMode::Writeback,
+            api::CacheMode::None => devices::block::CacheMode::None,
+            api::CacheMode::Unsafe => devices::block::CacheMode::Unsafe,
+        };
+        let opts = devices::block::OpenOptions {
+            read_only: d.read_only,
+            backing: devices::block::BackingPolicy::strict(),
+            cache,
+            ..Default::default()
+        };
+        let image = devices::block::open(&d.path, Some(format), &opts).map_err(|source| {
+            BuildError::Disk {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        let block = Block::new(image, d.serial.as_deref())
+            .map_err(|source| BuildError::BlockDevice { id, source })?;
+        out.push(Box::new(block));
+    }
+    Ok(out)
 }
 
 /// A VM that is running: its vCPU threads, devices and the channels they report on.
@@ -68,6 +125,8 @@ pub struct RunningVm {
     pub vm: Vm,
     /// Platform devices.
     pub devices: PlatformDevices,
+    /// virtio-pci devices, driven by the event loop.
+    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     /// Power-off / reset requests from devices.
     pub power: PowerEvents,
     /// vCPU run state.
@@ -123,9 +182,25 @@ pub fn build_vm(
     let cmdline = boot::loader::load_cmdline(mem, cfg.boot.cmdline(), kernel.setup_header.as_ref())
         .map_err(BuildError::Cmdline)?;
 
+    let power = PowerEvents::new()?;
+    let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
+    let disks = open_disks(cfg)?;
+    let pci = match disks.is_empty() {
+        true => None,
+        false => Some(create_pci(
+            vm.fd(),
+            mem,
+            memory_bytes,
+            &devices.pio,
+            &devices.mmio,
+            disks,
+        )?),
+    };
+
     let acpi = AcpiConfig {
         // The i8042 is there for `reboot=k`; describing it lets Linux use it too.
         i8042: true,
+        pci: pci.as_ref().map(|p| p.host),
         ..AcpiConfig::new(cfg.machine.vcpus)
     };
     let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(BuildError::Acpi)?;
@@ -140,9 +215,6 @@ pub fn build_vm(
         },
     )
     .map_err(BuildError::BootParams)?;
-
-    let power = PowerEvents::new()?;
-    let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.machine.vcpus));
     for id in 0..cfg.machine.vcpus {
@@ -178,6 +250,7 @@ pub fn build_vm(
         }
     }
     Ok(RunningVm {
+        virtio: pci.map(|p| p.devices).unwrap_or_default(),
         vm,
         devices,
         power,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use api::{ConfigError, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
+use api::{ConfigError, DiskConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
 use clap::Parser;
 
 /// A KVM virtual machine monitor for small Linux VMs.
@@ -22,7 +22,7 @@ use clap::Parser;
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// A tool instead of running a VM (`vmm ctl ...`).
+    /// A tool instead of running a VM (`vmm ctl ...`, `vmm img ...`).
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -65,6 +65,11 @@ pub struct Cli {
     /// Serve a QMP monitor: unix:PATH or tcp:HOST:PORT (repeatable; adds to the file's).
     #[arg(long, value_name = "ENDPOINT")]
     pub qmp: Vec<QmpEndpoint>,
+
+    /// Add a virtio-blk disk (repeatable; adds to the file's):
+    /// path=P[,format=raw|qcow2][,readonly=on][,cache=writeback|none|unsafe][,serial=S][,id=I]
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<DiskConfig>,
 }
 
 /// Subcommands: tools that do not run a VM.
@@ -72,6 +77,9 @@ pub struct Cli {
 pub enum Command {
     /// Control a running VMM through its API socket.
     Ctl(crate::ctl::CtlArgs),
+    /// Disk image tool with qemu-img's verbs, flags and exit codes
+    /// (create, info, check, convert, snapshot, resize).
+    Img(crate::img::ImgArgs),
 }
 
 const AFTER_HELP: &str = "\
@@ -115,6 +123,7 @@ impl Cli {
             cfg.api_socket = Some(p);
         }
         cfg.qmp.extend(self.qmp);
+        cfg.disks.extend(self.disk);
         cfg.validate(host_memory_mib)?;
         Ok(cfg)
     }

@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     if let Some(vmm::cli::Command::Ctl(args)) = &cli.command {
         return vmm::ctl::main(args);
     }
+    if let Some(vmm::cli::Command::Img(args)) = &cli.command {
+        return vmm::img::run(args);
+    }
     let cfg = match cli.into_config(vmm::kvm::host_memory_mib()) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -65,6 +65,7 @@ pub fn run_incarnation(
         EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let serial_dev = vm.devices.serial.clone();
     let rtc = RtcTimer(vm.devices.cmos.clone());
+    let virtio = vm.virtio.clone();
     let control = Control {
         vm,
         quit: quit.clone(),
@@ -77,6 +78,9 @@ pub fn run_incarnation(
     };
     let control_id = em.add_subscriber(Box::new(control));
     em.add_subscriber(Box::new(rtc));
+    for dev in virtio {
+        em.add_subscriber(Box::new(dev));
+    }
     if let Some(input) = serial.input_subscriber(serial_dev, quit) {
         em.add_subscriber(input);
     }

@@ -200,3 +200,35 @@ fn sigterm_ends_the_vm_cleanly() {
     assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
     assert!(run.stderr.contains("terminating"), "stderr: {}", run.stderr);
 }
+
+#[test]
+fn pci_devices_enumerate_through_port_config_access() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Scratch::new("pci-enum");
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    // 00:00.0 is the host bridge (1b36:0008), 00:01.0 the virtio-blk disk (1af4:1042).
+    let mut a = Asm::default();
+    let mut fails = Vec::new();
+    a.pci_id(0).cmp_eax(0x0008_1b36);
+    fails.push(a.here());
+    a.jnz(0); // patched below
+    a.pci_id(1).cmp_eax(0x1042_1af4);
+    fails.push(a.here());
+    a.jnz(0);
+    a.print("PCI OK\n").poweroff();
+    let bad = a.here();
+    a.print("PCI BAD\n").poweroff();
+    for at in fails {
+        a.code[at + 1] = (bad as isize - (at as isize + 2)) as i8 as u8;
+    }
+    let spec = format!("path={}", disk.display());
+    let (run, _d) = boot("pci-enum-run", &a.code, &["--disk", &spec], b"");
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("PCI OK"), "stdout: {:?}", run.stdout);
+}

@@ -186,6 +186,32 @@ impl Asm {
         self.code.push(0xec);
         self
     }
+    pub fn mov_eax(&mut self, v: u32) -> &mut Self {
+        self.code.push(0xb8);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn out_dx_eax(&mut self) -> &mut Self {
+        self.code.push(0xef);
+        self
+    }
+    pub fn in_eax_dx(&mut self) -> &mut Self {
+        self.code.push(0xed);
+        self
+    }
+    pub fn cmp_eax(&mut self, v: u32) -> &mut Self {
+        self.code.push(0x3d);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Reads PCI config register 0 of 00:`slot`.0 through 0xCF8/0xCFC into eax.
+    pub fn pci_id(&mut self, slot: u8) -> &mut Self {
+        self.mov_dx(0xcf8)
+            .mov_eax(0x8000_0000 | (u32::from(slot) << 11))
+            .out_dx_eax()
+            .mov_dx(0xcfc)
+            .in_eax_dx()
+    }
     pub fn test_al(&mut self, v: u8) -> &mut Self {
         self.code.extend_from_slice(&[0xa8, v]);
         self
