@@ -24,6 +24,42 @@ pub enum RegsError {
     /// The page tables could not be written.
     #[error("failed to write the boot page tables to guest memory: {0}")]
     WritePageTables(#[source] GuestMemoryError),
+    /// The reset-vector stub could not be written.
+    #[error("failed to write the reset vector stub to guest memory: {0}")]
+    WriteResetStub(#[source] GuestMemoryError),
+}
+
+/// Where an x86 CPU starts after a reset, and where Linux jumps (in real mode, `ljmp
+/// $0xf000,$0xfff0`) when it reboots "through the BIOS".
+pub const RESET_VECTOR: GuestAddress = GuestAddress(0xffff0);
+
+/// Real-mode code at the reset vector: `mov dx, ACPI_RESET_PORT; mov al, ACPI_RESET_VALUE;
+/// out dx, al; hlt; jmp $-1`.
+///
+/// We have no firmware, so without this a guest that reboots through the BIOS path would run
+/// zeros forever. Linux takes that path on hardware-reduced ACPI machines without EFI, unless
+/// the command line says `reboot=acpi` or `reboot=k`: it picks EFI reboot, which falls back to
+/// the BIOS reset vector. The stub turns that into the ACPI reset the VMM handles.
+pub fn reset_stub() -> [u8; 10] {
+    let [lo, hi] = crate::layout::ACPI_RESET_PORT.to_le_bytes();
+    [
+        0xba,
+        lo,
+        hi, // mov dx, port (16-bit operand in real mode)
+        0xb0,
+        crate::layout::ACPI_RESET_VALUE, // mov al, value
+        0xee,                            // out dx, al
+        0xf4,                            // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+        0x90,
+    ]
+}
+
+/// Writes [`reset_stub`] at [`RESET_VECTOR`] (inside the reserved BIOS area of the e820 map).
+pub fn write_reset_stub<M: GuestMemoryBackend>(mem: &M) -> Result<(), RegsError> {
+    mem.write_slice(&reset_stub(), RESET_VECTOR)
+        .map_err(RegsError::WriteResetStub)
 }
 
 // Control register and EFER bits.
@@ -274,6 +310,18 @@ pub fn set_lint(lapic: &mut kvm_lapic_state) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reset_stub_writes_the_acpi_reset_register() {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_reset_stub(&mem).unwrap();
+        let mut code = [0u8; 10];
+        mem.read_slice(&mut code, RESET_VECTOR).unwrap();
+        assert_eq!(&code[..6], &[0xba, 0x02, 0x06, 0xb0, 0x01, 0xee]);
+        // The stub must end before the 1 MiB boundary (real-mode segment 0xf000 ends there).
+        assert!(RESET_VECTOR.0 + code.len() as u64 <= 0x10_0000);
+    }
+
     use super::*;
     use vm_memory::{Address, GuestMemoryMmap};
 

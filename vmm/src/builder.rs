@@ -50,6 +50,9 @@ pub enum BuildError {
     /// The command line does not fit.
     #[error("boot.cmdline: {0}")]
     Cmdline(#[source] boot::loader::LoaderError),
+    /// The reset vector could not be written.
+    #[error("cannot set up the reset vector: {0}")]
+    ResetStub(#[source] boot::regs::RegsError),
     /// ACPI tables could not be written.
     #[error("cannot create the ACPI tables: {0}")]
     Acpi(#[source] boot::acpi::AcpiError),
@@ -179,6 +182,7 @@ pub fn build_vm(
         }
         None => None,
     };
+    boot::regs::write_reset_stub(mem).map_err(BuildError::ResetStub)?;
     let cmdline = boot::loader::load_cmdline(mem, cfg.boot.cmdline(), kernel.setup_header.as_ref())
         .map_err(BuildError::Cmdline)?;
 
