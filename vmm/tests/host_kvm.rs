@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -112,24 +110,15 @@ fn reset_restarts_when_asked() {
     let dir = Scratch::new("reset-restart");
     let code = Asm::default().print("BOOT\n").reset().code.clone();
     let kernel = dir.write("guest.elf", &tiny_elf(&code));
-    let mut child = Command::new(vmm_bin())
-        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64"])
-        .args(["--on-reboot", "restart", "--serial", "stdio"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    let mut seen = String::new();
-    let mut buf = [0u8; 256];
-    while seen.matches("BOOT").count() < 3 && Instant::now() < deadline {
-        match out.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-        }
-    }
+    let mut child = spawn_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--on-reboot",
+        "restart",
+    ]);
+    let seen = read_stdout_until(&mut child, "BOOT", 3, TIMEOUT);
     let still_running = child.try_wait().unwrap().is_none();
     let _ = child.kill();
     let _ = child.wait();
@@ -169,33 +158,18 @@ fn sigterm_ends_the_vm_cleanly() {
         .code
         .clone();
     let kernel = dir.write("guest.elf", &tiny_elf(&code));
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "64",
-            "--cpus",
-            "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 64];
-    while !seen.contains("WAITING") {
-        match out.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-        }
-    }
+    let mut child = spawn_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--cpus",
+        "2",
+    ]);
+    let seen = read_stdout_until(&mut child, "WAITING", 1, TIMEOUT);
     assert!(seen.contains("WAITING"), "{seen:?}");
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.stdout = Some(out);
     let run = wait_with_deadline(child, Duration::from_secs(10));
     assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
     assert!(run.stderr.contains("terminating"), "stderr: {}", run.stderr);

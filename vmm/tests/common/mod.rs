@@ -70,6 +70,39 @@ pub fn run_vmm(args: &[&str], stdin: &[u8], timeout: Duration) -> Run {
     wait_with_deadline(child, timeout)
 }
 
+/// Starts `vmm ARGS` with stdin closed and stdout/stderr piped.
+pub fn spawn_vmm(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm")
+}
+
+/// Reads `child`'s stdout until `pattern` has appeared `count` times, EOF, or `timeout`;
+/// returns what was read (the stdout pipe is put back for `wait_with_deadline`).
+pub fn read_stdout_until(
+    child: &mut Child,
+    pattern: &str,
+    count: usize,
+    timeout: Duration,
+) -> String {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let deadline = Instant::now() + timeout;
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while seen.matches(pattern).count() < count && Instant::now() < deadline {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    child.stdout = Some(out);
+    seen
+}
+
 /// Waits for `child`, killing it (and failing the test) after `timeout`.
 pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Run {
     let mut out = child.stdout.take().unwrap();
