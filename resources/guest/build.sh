@@ -1,0 +1,135 @@
+#!/bin/bash
+# Builds the default test guest: a CirrOS-like Linux made of Debian's cloud kernel and a busybox
+# initramfs. Output (default build/guest/ under the repo root, override with GUEST_OUT or $1):
+#   vmlinuz              the kernel (bzImage)
+#   initramfs.cpio.gz    busybox, virtio/ACPI modules, the real qemu-ga with its libraries, /init
+#   guest.env            facts about the guest for harnesses (UP_REGEX, KERNEL_VERSION, KIND)
+# Cached: rebuilt only when an input changes (this script, the kernel/agent .debs, busybox).
+#
+# Guest behaviour: /init mounts proc/sys/devtmpfs, prints "GUEST-USERSPACE-UP <uptime>" (the first
+# userspace line; boot benchmarks key on it), loads the modules in dependency order, then execs
+# busybox init: /etc/init.d/rcS prints the /etc/issue banner and starts qemu-ga when a virtio port
+# org.qemu.guest_agent.0 exists; acpid runs in the foreground (power button -> poweroff); a root shell
+# runs on the console (cttyhack: the real tty, with job control). Typed `poweroff` / `reboot` go
+# through busybox init and the kernel as on any distro (ACPI S5 / reset).
+#
+# A real CirrOS (or any other guest) instead: GUEST_KERNEL=/path GUEST_INITRD=/path [GUEST_DISK=/path]
+# [GUEST_UP_REGEX='regex of its first userspace line'] build.sh — the files are copied as they are.
+# Other knobs: GUEST_KPKG (kernel metapackage, default linux-image-cloud-amd64), DEB_CACHE (.deb cache,
+# default build/debs).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../lib/debian.sh
+. "$ROOT/resources/lib/debian.sh"
+
+OUT=${1:-${GUEST_OUT:-$ROOT/build/guest}}
+DEB_CACHE=${DEB_CACHE:-$ROOT/build/debs}
+KPKG=${GUEST_KPKG:-linux-image-cloud-amd64}
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net virtio_console virtio_balloon button evdev"
+mkdir -p "$OUT"
+
+# --- a guest supplied by the user: copy it --------------------------------------------------------
+if [ -n "${GUEST_KERNEL:-}" ] || [ -n "${GUEST_INITRD:-}" ]; then
+  [ -f "${GUEST_KERNEL:-}" ] || { echo "error: GUEST_KERNEL must name a kernel file" >&2; exit 1; }
+  [ -z "${GUEST_INITRD:-}" ] || [ -f "$GUEST_INITRD" ] || { echo "error: no file GUEST_INITRD=$GUEST_INITRD" >&2; exit 1; }
+  [ -z "${GUEST_DISK:-}" ] || [ -f "$GUEST_DISK" ] || { echo "error: no file GUEST_DISK=$GUEST_DISK" >&2; exit 1; }
+  st=$(stamp_of custom "$GUEST_KERNEL" "${GUEST_INITRD:-}" "${GUEST_DISK:-}" "${GUEST_UP_REGEX:-}")
+  if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ]; then echo "guest up to date in $OUT (custom)"; exit 0; fi
+  rm -f "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/disk.img" "$OUT/guest.env" "$OUT/.stamp"
+  cp "$GUEST_KERNEL" "$OUT/vmlinuz"
+  [ -z "${GUEST_INITRD:-}" ] || cp "$GUEST_INITRD" "$OUT/initramfs.cpio.gz"
+  [ -z "${GUEST_DISK:-}" ] || cp "$GUEST_DISK" "$OUT/disk.img"
+  {
+    echo "KIND=custom"
+    echo "UP_REGEX='${GUEST_UP_REGEX:-login:|\\\$ $|# $}'"
+    echo "KERNEL_VERSION=unknown"
+  } > "$OUT/guest.env"
+  echo "$st" > "$OUT/.stamp"
+  echo "guest (custom) copied into $OUT"
+  exit 0
+fi
+
+# --- the default guest ----------------------------------------------------------------------------
+need busybox-static cpio xz-utils
+kdeb=$(kernel_deb "$DEB_CACHE" "$KPKG")
+qdeb=$(deb_fetch "$DEB_CACHE" qemu-guest-agent)
+st=$(stamp_of default "$0" "$ROOT/resources/lib/debian.sh" "$kdeb" "$qdeb" /bin/busybox "$MODULES")
+if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
+  echo "guest up to date in $OUT"; exit 0
+fi
+echo "building guest in $OUT (kernel $(basename "$kdeb"))" >&2
+# qemu-ga's shared libraries come from this machine: install them if missing
+# shellcheck disable=SC2046
+need $(deb_depends "$qdeb")
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/guest-build.XXXXXX"); trap 'rm -rf "$T"' EXIT
+dpkg-deb -x "$kdeb" "$T/k"; dpkg-deb -x "$qdeb" "$T/qga"
+kver=$(ls "$T/k/lib/modules")
+R=$T/root
+mkdir -p "$R"/{proc,sys,dev,tmp,run,var/run,var/log,etc/init.d,etc/acpi/PWRF,mnt,root}
+busybox_root "$R"
+mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
+kmods "$T/k" "$R/lib/modules/$kver" $MODULES
+echo "$MODULES" | tr ' ' '\n' > "$R/etc/modules"
+copy_bin "$R" "$T/qga/usr/sbin/qemu-ga" /usr/sbin/qemu-ga
+
+cat > "$R/init" <<'EOF'
+#!/bin/sh
+# PID 1 of the test guest: minimal setup, the userspace marker, modules, then busybox init.
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+echo "GUEST-USERSPACE-UP $(cut -d' ' -f1 /proc/uptime)"
+mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mkdir -p /run/lock
+for m in $(cat /etc/modules); do insmod "/lib/modules/$(uname -r)/$m.ko" 2>/dev/null; done
+exec /sbin/init
+EOF
+cat > "$R/etc/inittab" <<'EOF'
+::sysinit:/etc/init.d/rcS
+::respawn:/bin/cttyhack /bin/sh -l
+::respawn:/bin/acpid -f -c /etc/acpi -l /dev/null
+::ctrlaltdel:/bin/reboot
+::shutdown:/bin/sync
+EOF
+cat > "$R/etc/init.d/rcS" <<'EOF'
+#!/bin/sh
+hostname -F /etc/hostname
+ip link set lo up 2>/dev/null
+# the QEMU guest agent, on its virtio-serial port when the VMM offers one
+for n in /sys/class/virtio-ports/*/name; do
+  [ -f "$n" ] && [ "$(cat "$n")" = org.qemu.guest_agent.0 ] || continue
+  p=/dev/$(basename "$(dirname "$n")")
+  qemu-ga -m virtio-serial -p "$p" -d -l /var/log/qemu-ga.log && echo "GUEST-AGENT-UP $p"
+done
+cat /etc/issue
+EOF
+cat > "$R/etc/acpi/PWRF/00000080" <<'EOF'
+#!/bin/sh
+poweroff
+EOF
+cat > "$R/etc/issue" <<'EOF'
+
+  ______________________________
+  test guest (CirrOS-like): busybox + Debian cloud kernel
+  root shell on the console; `poweroff` or `reboot` to leave
+  ______________________________
+
+EOF
+cat > "$R/etc/profile" <<'EOF'
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+PS1='guest# '
+EOF
+echo guest > "$R/etc/hostname"
+echo 'root:x:0:0:root:/root:/bin/sh' > "$R/etc/passwd"
+echo 'root:x:0:' > "$R/etc/group"
+chmod +x "$R/init" "$R/etc/init.d/rcS" "$R/etc/acpi/PWRF/00000080"
+
+cp "$T"/k/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"; mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
+make_cpio "$R" "$OUT/initramfs.cpio.gz"
+rm -f "$OUT/disk.img"
+{
+  echo "KIND=default"
+  echo "UP_REGEX='GUEST-USERSPACE-UP'"
+  echo "KERNEL_VERSION=$kver"
+} > "$OUT/guest.env"
+echo "$st" > "$OUT/.stamp"
+echo "guest built in $OUT: vmlinuz ($kver), initramfs.cpio.gz ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1))"
