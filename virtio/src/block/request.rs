@@ -377,6 +377,8 @@ impl RequestExecutor {
         }
     }
 
+    /// IN: reads the disk range in chunks of up to [`IO_CHUNK`] bytes, one backend call per
+    /// chunk however scattered the guest buffer is, then scatters each chunk into guest memory.
     fn read<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -385,16 +387,34 @@ impl RequestExecutor {
         len: u64,
     ) -> Result<(), RequestError> {
         let mut pos = offset;
-        for (addr, n) in to.pieces(0, len) {
-            let buf = grow(&mut self.bounce, n);
+        let mut group: Vec<(GuestAddress, usize)> = Vec::new();
+        let mut fill = 0usize;
+        let mut pieces = to.pieces(0, len).into_iter().peekable();
+        while let Some((addr, n)) = pieces.next() {
+            group.push((addr, n));
+            fill += n;
+            let full = pieces
+                .peek()
+                .is_none_or(|&(_, next)| fill + next > IO_CHUNK);
+            if !full {
+                continue;
+            }
+            let buf = grow(&mut self.bounce, fill);
             self.disk.read_at(buf, pos).map_err(|_| RequestError::Io)?;
-            mem.write_slice(&self.bounce[..n], addr)
-                .map_err(|_| RequestError::BadAddress)?;
-            pos += n as u64;
+            let mut at = 0;
+            for (addr, n) in group.drain(..) {
+                mem.write_slice(&self.bounce[at..at + n], addr)
+                    .map_err(|_| RequestError::BadAddress)?;
+                at += n;
+            }
+            pos += fill as u64;
+            fill = 0;
         }
         Ok(())
     }
 
+    /// OUT: gathers the guest buffer into chunks of up to [`IO_CHUNK`] bytes and writes each
+    /// with one backend call (a 1 MiB guest write is one host write, not one per segment).
     fn write<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -403,14 +423,24 @@ impl RequestExecutor {
         len: u64,
     ) -> Result<(), RequestError> {
         let mut pos = offset;
+        let mut fill = 0usize;
         for (addr, n) in from.pieces(HEADER_LEN, len) {
-            let buf = grow(&mut self.bounce, n);
-            mem.read_slice(buf, addr)
+            if fill > 0 && fill + n > IO_CHUNK {
+                self.disk
+                    .write_at(&self.bounce[..fill], pos)
+                    .map_err(|_| RequestError::Io)?;
+                pos += fill as u64;
+                fill = 0;
+            }
+            let buf = grow(&mut self.bounce, fill + n);
+            mem.read_slice(&mut buf[fill..], addr)
                 .map_err(|_| RequestError::BadAddress)?;
+            fill += n;
+        }
+        if fill > 0 {
             self.disk
-                .write_at(&self.bounce[..n], pos)
+                .write_at(&self.bounce[..fill], pos)
                 .map_err(|_| RequestError::Io)?;
-            pos += n as u64;
         }
         Ok(())
     }
@@ -471,6 +501,9 @@ impl RequestExecutor {
         Ok(())
     }
 }
+
+/// Most bytes moved by one backend call of a data request.
+const IO_CHUNK: usize = 2 << 20;
 
 /// The first `n` bytes of the bounce buffer, growing it as needed.
 fn grow(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
