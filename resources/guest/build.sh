@@ -4,7 +4,9 @@
 #   vmlinuz              the kernel (bzImage)
 #   initramfs.cpio.gz    busybox, virtio/ACPI modules, the real qemu-ga with its libraries, /init
 #   guest.env            facts about the guest for harnesses (UP_REGEX, KERNEL_VERSION, KIND)
-# Cached: rebuilt only when an input changes (this script, the kernel/agent .debs, busybox).
+#   iobench              the static O_DIRECT disk benchmark (iobench.c), also in the initramfs as
+#                        /bin/iobench (tests/testbox/bench_disk.py runs it in the guest and in L1)
+# Cached: rebuilt only when an input changes (this script, iobench.c, the kernel/agent .debs, busybox).
 #
 # Guest behaviour: /init mounts proc/sys/devtmpfs, prints "GUEST-USERSPACE-UP <uptime>" (the first
 # userspace line; boot benchmarks key on it), loads the modules in dependency order, then execs
@@ -36,7 +38,7 @@ if [ -n "${GUEST_KERNEL:-}" ] || [ -n "${GUEST_INITRD:-}" ]; then
   [ -z "${GUEST_DISK:-}" ] || [ -f "$GUEST_DISK" ] || { echo "error: no file GUEST_DISK=$GUEST_DISK" >&2; exit 1; }
   st=$(stamp_of custom "$GUEST_KERNEL" "${GUEST_INITRD:-}" "${GUEST_DISK:-}" "${GUEST_UP_REGEX:-}")
   if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ]; then echo "guest up to date in $OUT (custom)"; exit 0; fi
-  rm -f "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/disk.img" "$OUT/guest.env" "$OUT/.stamp"
+  rm -f "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/disk.img" "$OUT/guest.env" "$OUT/iobench" "$OUT/.stamp"
   cp "$GUEST_KERNEL" "$OUT/vmlinuz"
   [ -z "${GUEST_INITRD:-}" ] || cp "$GUEST_INITRD" "$OUT/initramfs.cpio.gz"
   [ -z "${GUEST_DISK:-}" ] || cp "$GUEST_DISK" "$OUT/disk.img"
@@ -51,11 +53,12 @@ if [ -n "${GUEST_KERNEL:-}" ] || [ -n "${GUEST_INITRD:-}" ]; then
 fi
 
 # --- the default guest ----------------------------------------------------------------------------
-need busybox-static cpio xz-utils
+need busybox-static cpio xz-utils gcc libc6-dev
 kdeb=$(kernel_deb "$DEB_CACHE" "$KPKG")
 qdeb=$(deb_fetch "$DEB_CACHE" qemu-guest-agent)
-st=$(stamp_of default "$0" "$ROOT/resources/lib/debian.sh" "$kdeb" "$qdeb" /bin/busybox "$MODULES")
-if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
+st=$(stamp_of default "$0" "$ROOT/resources/lib/debian.sh" "$HERE/iobench.c" "$kdeb" "$qdeb" /bin/busybox "$MODULES")
+if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] \
+   && [ -f "$OUT/iobench" ]; then
   echo "guest up to date in $OUT"; exit 0
 fi
 echo "building guest in $OUT (kernel $(basename "$kdeb"))" >&2
@@ -73,6 +76,9 @@ mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
 kmods "$T/k" "$R/lib/modules/$kver" $MODULES
 echo "$MODULES" | tr ' ' '\n' > "$R/etc/modules"
 copy_bin "$R" "$T/qga/usr/sbin/qemu-ga" /usr/sbin/qemu-ga
+# the disk benchmark (static: runs in the guest and in the test box's L1 alike)
+gcc -O2 -static -s -Wall -o "$T/iobench" "$HERE/iobench.c"
+cp "$T/iobench" "$R/bin/iobench"
 
 cat > "$R/init" <<'EOF'
 #!/bin/sh
@@ -125,6 +131,7 @@ chmod +x "$R/init" "$R/etc/init.d/rcS" "$R/etc/acpi/PWRF/00000080"
 
 cp "$T"/k/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"; mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
 make_cpio "$R" "$OUT/initramfs.cpio.gz"
+cp "$T/iobench" "$OUT/iobench.tmp.$$"; mv "$OUT/iobench.tmp.$$" "$OUT/iobench"
 rm -f "$OUT/disk.img"
 {
   echo "KIND=default"

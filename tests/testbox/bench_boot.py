@@ -6,7 +6,8 @@ Measured inside L1 for each VMM:
   boot   time from the VMM's exec to the guest's first userspace line (GUEST-USERSPACE-UP). The VMM's
          stdout goes through busybox `ts`, which stamps each line (µs) as it arrives; the launcher
          writes "VMM-EXEC-START" into the same stream right before exec, so both ends are stamped by
-         one process with one clock (error: a few ms of pipe/scheduling latency).
+         one process with one clock (error: a few ms of pipe/scheduling latency). ts block-buffers,
+         so its output (ts.out) is read once the VMM has ended; the live console is `out`.
   memory once the guest's shell answers: VmRSS from /proc/PID/status, and per-mapping Rss/Pss from
          /proc/PID/smaps. Guest RAM is anonymous memory inside the VMM process (only touched pages are
          resident); the mapping(s) whose size is the guest RAM size (up to +10%: QEMU adds alignment)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -89,12 +91,10 @@ def measure_memory(box: tb.Box, pid: int, guest_mib: int) -> dict:
     }
 
 
-def one_run(box: tb.Box, key: str, argv: list[str], i: int) -> dict:
-    vm = box.start_l2(f"bench-{key}-{i}", argv, ts=True)
+def one_run(box: tb.Box, key: str, argv: list[str], i: int, attempt: int) -> dict:
+    vm = box.start_l2(f"bench-{key}-{i}-{attempt}", argv, ts=True)
     try:
-        t0 = vm.wait_for(r"^(\d+\.\d+) VMM-EXEC-START", 30)
-        t1 = vm.wait_for(rf"^(\d+\.\d+) [^\n]*{UP}", 240, stall=60)
-        boot_ms = (float(t1.group(1)) - float(t0.group(1))) * 1000
+        vm.wait_for(UP, 240, stall=60)
         vm.wait_shell(120)
         mem = measure_memory(box, vm.pid(), MEM_MIB)
         vm.send("poweroff")
@@ -102,11 +102,25 @@ def one_run(box: tb.Box, key: str, argv: list[str], i: int) -> dict:
             rc = vm.wait_exit(30)
         except AssertionError:
             rc = None
+            vm.kill()
+            vm.wait_exit(30)
+        stamped = box.read_file(f"{vm.dir}/ts.out").decode(errors="replace")
+        t0 = re.search(r"^(\d+\.\d+) VMM-EXEC-START", stamped, re.M)
+        t1 = re.search(rf"^(\d+\.\d+) [^\n]*{UP}", stamped, re.M)
+        if not (t0 and t1):
+            raise tb.BoxError(f"no timestamps in ts.out: {stamped[:300]!r}")
+        boot_ms = (float(t1.group(1)) - float(t0.group(1))) * 1000
         return {"ok": True, "boot_ms": boot_ms, **mem, "poweroff_rc": rc}
-    except AssertionError as e:
-        return {"ok": False, "error": str(e).splitlines()[0], "log_tail": vm.diagnostics(15)}
+    except (AssertionError, tb.BoxError, TimeoutError) as e:
+        # a flake of the box (see box.retry_on_flake) is worth another try
+        flake = isinstance(e, tb.BootStall) or not box.alive()
+        if not box.alive():
+            e = tb.BoxError(f"L1 died: {box.crash_signature()}")
+        tail = vm.diagnostics(15) if box.alive() else ""
+        return {"ok": False, "flake": flake, "error": str(e).splitlines()[0], "log_tail": tail}
     finally:
-        vm.kill()
+        if box.alive():
+            vm.kill()
 
 
 def fmt(v, unit=""):
@@ -139,10 +153,20 @@ def main() -> int:
             else:
                 raise SystemExit(f"unknown VMM {k}")
         # warm L1's page cache: the first run must not pay for reading the kernel from the payload disk
-        box.check(f"cat {tb.L1_KERNEL} {tb.L1_INITRD} > /dev/null")
+        warm = f"cat {tb.L1_KERNEL} {tb.L1_INITRD} > /dev/null"
+        box.check(warm)
         for i in range(args.reps):
             for k, argv in argvs.items():
-                r = one_run(box, k, argv, i)
+                for attempt in (1, 2, 3):   # up to two more tries after a flake of the box
+                    if not box.alive():
+                        box.restart()
+                        box.check(warm)
+                    if k == "ours":   # (re)writes vm.json in L1: a restarted L1 has lost it
+                        argv = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB), name="bench")
+                    r = one_run(box, k, argv, i, attempt)
+                    if r["ok"] or not r.get("flake"):
+                        break
+                    tb.log(f"{k} #{i}: box flake ({r['error']}), running it again")
                 results[k].append(r)
                 if r["ok"]:
                     tb.log(f"{k} #{i}: boot {r['boot_ms']:.0f} ms, VmRSS {r['vmrss_kib'] / 1024:.1f} MiB, "
@@ -154,6 +178,8 @@ def main() -> int:
 
         if "microvm" in results and results["microvm"] and not any(r["ok"] for r in results["microvm"]):
             notes["microvm"] = f"QEMU microvm could not boot the guest: {results['microvm'][0]['error']}"
+        if not box.alive():
+            box.restart()
         kernel = box.check(f"cat {tb.L1_GUEST}/guest.env; uname -r").split()
 
     summary = {}

@@ -16,6 +16,10 @@ stands in for our vmm: validates the harness and the scenarios themselves), TEST
 limit in seconds for one box, default 3600), TESTBOX_MEM (L1 MiB, 3072), TESTBOX_PORT_QMP /
 TESTBOX_PORT_AGENT / TESTBOX_PORT_API (host ports forwarded to 4444/4445/4446 in L1; default: free
 ports), TESTBOX_VERBOSE=1 (echo L1's console on stderr). Logs: build/testbox/logs/.
+
+Box(scratch_mib=N) adds an empty N MiB scratch disk, /dev/vdb in L1 (Box.SCRATCH_DEV), backed by a
+sparse host file build/testbox/scratch-PID.img (cache=unsafe: the host's page cache). Unlike L1's
+tmpfs /tmp it takes O_DIRECT, so L2 VMMs can use it as a raw image with cache=none (bench_disk.py).
 """
 
 from __future__ import annotations
@@ -126,9 +130,12 @@ class Box:
     """One L1 machine. Use as a context manager (or call close()): L1 is killed on exit, on error,
     and by a watchdog after `timeout` seconds whatever happens."""
 
+    SCRATCH_DEV = "/dev/vdb"   # the scratch disk in L1 (after the payload disk, /dev/vda)
+
     def __init__(self, *, with_qemu: bool = True, vmm_bin: Path | None | str = "auto",
                  mem_mib: int | None = None, timeout: float | None = None,
-                 extra_bins: list[str] | None = None, verbose: bool | None = None):
+                 extra_bins: list[str] | None = None, verbose: bool | None = None,
+                 scratch_mib: int = 0):
         self.with_qemu = with_qemu or l2_is_qemu()
         self.vmm_bin = find_vmm_bin() if vmm_bin == "auto" else (Path(vmm_bin) if vmm_bin else None)
         self.mem_mib = mem_mib or int(os.environ.get("TESTBOX_MEM", "3072"))
@@ -149,6 +156,8 @@ class Box:
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.console_log = self.logdir / f"{self.run_id}-l1-console.log"
         self.payload = BOX_DIR / f"payload-{os.getpid()}.img"
+        self.scratch_mib = scratch_mib
+        self.scratch = BOX_DIR / f"scratch-{os.getpid()}.img" if scratch_mib else None
         self.l2s: list[L2] = []
         self.tap = None                      # callable(bytes): sees L1's console output as it comes
         self.restarts = 0
@@ -170,13 +179,17 @@ class Box:
         for b in self.extra_bins:
             args += ["--bin", b]
         _sh(args, stdout=sys.stderr)
+        if self.scratch:   # a fresh, sparse (all zero) disk on every build
+            self.scratch.unlink(missing_ok=True)
+            with open(self.scratch, "wb") as f:
+                f.truncate(self.scratch_mib << 20)
 
     def _prune_logs(self, keep: int = 20) -> None:
         logs = sorted(self.logdir.glob("*-l1-console.log"))
         for f in logs[:-keep]:
             f.unlink(missing_ok=True)
-        for img in BOX_DIR.glob("payload-*.img"):   # left by boxes whose process is gone
-            pid = img.stem.split("-", 1)[1]
+        for img in [*BOX_DIR.glob("payload-*.img"), *BOX_DIR.glob("scratch-*.img")]:
+            pid = img.stem.split("-", 1)[1]          # left by boxes whose process is gone
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 img.unlink(missing_ok=True)
 
@@ -191,6 +204,8 @@ class Box:
             "-kernel", str(BOX_DIR / "vmlinuz-l1"), "-initrd", str(BOX_DIR / "l1-initramfs.cpio.gz"),
             "-append", os.environ.get("TESTBOX_L1_CMDLINE", "console=ttyS0 panic=-1 quiet tsc=reliable"),
             "-drive", f"file={self.payload},if=virtio,format=raw,readonly=on",
+            # if=virtio drives get their PCI slots in command-line order: payload vda, scratch vdb
+            *(["-drive", f"file={self.scratch},if=virtio,format=raw,cache=unsafe"] if self.scratch else []),
             "-netdev", f"user,id=u0,{fwd}", "-device", "virtio-net-pci,netdev=u0,romfile=",
         ]
 
@@ -277,6 +292,8 @@ class Box:
             self._console_file.close()
             self._console_file = None
         self.payload.unlink(missing_ok=True)
+        if self.scratch:
+            self.scratch.unlink(missing_ok=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -568,7 +585,8 @@ class L2:
                 return ms[count - 1]
             rc = self.exited()
             if rc is not None:
-                cls = BootStall if stall else L2Error   # during a boot: see BootStall
+                # a guest reset during a boot ends the VMM with 0 (on_reboot=exit): see BootStall
+                cls = BootStall if stall and rc == 0 else L2Error
                 raise cls(self, f"VMM exited ({rc}) before {pattern!r} was seen"
                           f" {count} time(s) (seen {len(ms)})")
             now = time.monotonic()
@@ -592,17 +610,30 @@ class L2:
         m = self.wait_for(rf"GB{tag}\r?\n(.*?)GE{tag}", timeout)
         return m.group(1).replace("\r\n", "\n").replace("\r", "")
 
-    def wait_shell(self, timeout: float = 120) -> None:
-        """Wait until the guest's console shell answers (typing a probe every few seconds)."""
+    def wait_shell(self, timeout: float = 120, stall: float | None = 60) -> None:
+        """Wait until the guest's console shell answers (typing a probe every few seconds). With
+        `stall`: BootStall when the console has not grown for that long (a live guest at least
+        echoes the probes), as the end of a boot is still a boot."""
         end = time.monotonic() + timeout
+        last_len, last_change = len(self._log), time.monotonic()
         while True:
             tag = uuid.uuid4().hex[:8]
             self.send(f"echo RDY''{tag}")
             try:
                 self.wait_for(rf"RDY{tag}\r?$", timeout=min(8, max(1, end - time.monotonic())))
                 return
+            except BootStall:
+                raise
             except L2Error:
-                if self.exited() is not None or time.monotonic() > end:
+                now = time.monotonic()
+                if len(self._log) != last_len:
+                    last_len, last_change = len(self._log), now
+                elif stall and now - last_change > stall and self.exited() is None:
+                    raise BootStall(self, f"console silent for {stall:.0f}s while waiting for the shell")
+                rc = self.exited()
+                if stall and rc == 0:   # a guest reset before its shell came up (see BootStall)
+                    raise BootStall(self, "VMM exited (0) while waiting for the shell")
+                if rc is not None or now > end:
                     raise
 
     # -- process --

@@ -36,7 +36,7 @@ def batch(box: tb.Box, argv: list[str]) -> int:
     def show() -> None:
         nonlocal shown
         text = vm.log()
-        sys.stdout.write(text[shown:].replace("\r\n", "\n"))
+        sys.stdout.write(text[shown:].replace("\r\n", "\n").replace("\x1b[6n", ""))
         sys.stdout.flush()
         shown = len(text)
 
@@ -67,7 +67,7 @@ def interactive(box: tb.Box, argv: list[str]) -> int:
 
     def tap(data: bytes) -> None:
         seen.extend(data)
-        out.write(data.replace(b"__VMMEXIT" + tag.encode(), b"\r\n[run-in-box] vmm exited: "))
+        out.write(data.replace(b"__VMMEXIT" + tag.encode() + b"_", b"\r\n[run-in-box] vmm exit status "))
         out.flush()
 
     cmd = " ".join(shlex.quote(a) for a in argv)

@@ -13,4 +13,4 @@ python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 bash "$ROOT/resources/guest/build.sh"
 cd "$ROOT"
-exec python3 -m pytest tests/testbox -v -p no:cacheprovider "$@"
+exec python3 -m pytest tests/testbox -v --tb=short -p no:cacheprovider "$@"
