@@ -73,6 +73,7 @@ async def next_event(listener, name: str, timeout: float = EVENT_TIMEOUT) -> dic
             return ev
 
 
+@tb.retry_on_flake
 def test_qmp_lifecycle_with_qemu_qmp(box, vms, up_regex):
     vm = vms.start(tb.default_config(), ["--qmp", "tcp:0.0.0.0:4444"])
     boot_to_shell(vm, up_regex)
@@ -129,6 +130,7 @@ def ctl(box, sock: str, cmd: str) -> tuple[int, str]:
     return box.run(f"vmm ctl --api-socket {sock} {cmd}", timeout=60)
 
 
+@tb.retry_on_flake
 def test_api_socket_lifecycle_with_vmm_ctl(box, vms, up_regex):
     sock = "/tmp/vmm-api.sock"
     vm = vms.start(tb.default_config(), ["--api-socket", sock])
@@ -168,6 +170,7 @@ def test_api_socket_lifecycle_with_vmm_ctl(box, vms, up_regex):
     assert rc != 0, "API socket file left behind"
 
 
+@tb.retry_on_flake
 def test_api_shutdown_and_state_refusal(box, vms, up_regex):
     """`PUT /vm/shutdown` stops the VM at once (exit 0); the state machine refuses a resume
     of a running VM with a clear error and changes nothing."""

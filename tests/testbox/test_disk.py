@@ -31,6 +31,7 @@ def disk_config(*disks: dict, **kw) -> dict:
     return cfg
 
 
+@tb.retry_on_flake
 def test_guest_filesystem_data_reaches_the_image(box, vms, up_regex):
     img = "/tmp/fs.img"
     make_image(box, img, 128)
@@ -54,6 +55,7 @@ def test_guest_filesystem_data_reaches_the_image(box, vms, up_regex):
     assert got == ref, "the image holds other data than the guest wrote"
 
 
+@tb.retry_on_flake
 def test_read_only_disk_refuses_writes(box, vms, up_regex):
     img = "/tmp/ro.img"
     box.check(f"yes read-only-{PATTERN} | head -c {8 << 20} > {img}")
@@ -69,6 +71,7 @@ def test_read_only_disk_refuses_writes(box, vms, up_regex):
     assert box.check(f"sha256sum {img}").split()[0] == before, "read-only image changed"
 
 
+@tb.retry_on_flake
 def test_discard_frees_host_blocks(box, vms, up_regex):
     img = "/tmp/discard.img"
     make_image(box, img, 64)
@@ -86,6 +89,7 @@ def test_discard_frees_host_blocks(box, vms, up_regex):
     assert vm.wait_exit(60) == 0
 
 
+@tb.retry_on_flake
 def test_two_disks_with_serials(box, vms, up_regex):
     make_image(box, "/tmp/a.img", 16)
     make_image(box, "/tmp/b.img", 32)
@@ -100,6 +104,7 @@ def test_two_disks_with_serials(box, vms, up_regex):
     assert vm.wait_exit(60) == 0
 
 
+@tb.retry_on_flake
 def test_disks_survive_a_guest_reboot(box, vms, up_regex):
     img = "/tmp/reboot.img"
     make_image(box, img, 16)
@@ -117,6 +122,7 @@ def test_disks_survive_a_guest_reboot(box, vms, up_regex):
     assert box.check(f"dd if={img} bs=512 skip=8 count=1 2>/dev/null | head -c 12") == "after-reboot"
 
 
+@tb.retry_on_flake
 def test_bad_disk_configs_are_refused(box):
     box.check("truncate -s 1M /tmp/plain.img && chmod 444 /tmp/plain.img")
     rc, out = box.run("vmm --kernel /payload/guest/vmlinuz --disk path=/tmp/nonexistent.img")
