@@ -69,8 +69,13 @@ pub enum VmmError {
     #[error("event loop: {0}")]
     EventLoop(String),
     /// The guest triple-faulted.
-    #[error("the guest triple-faulted (vCPU {0}); the VM was stopped")]
-    TripleFault(u8),
+    #[error("the guest triple-faulted (vCPU {id}: {state}); the VM was stopped")]
+    TripleFault {
+        /// Which vCPU.
+        id: u8,
+        /// Its registers at the time.
+        state: String,
+    },
     /// A vCPU failed.
     #[error("vCPU {id} failed: {reason}")]
     VcpuFailed {

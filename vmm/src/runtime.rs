@@ -144,7 +144,7 @@ impl Control {
                 Ok(Outcome::Shutdown(ShutdownCause::GuestShutdown))
             }
             VcpuExitReason::Reset => Ok(Outcome::Reset(ShutdownCause::GuestReset)),
-            VcpuExitReason::TripleFault => Err(VmmError::TripleFault(ev.id)),
+            VcpuExitReason::TripleFault(state) => Err(VmmError::TripleFault { id: ev.id, state }),
             VcpuExitReason::Failed(reason) => Err(VmmError::VcpuFailed { id: ev.id, reason }),
         };
         self.finish(outcome);

@@ -87,8 +87,8 @@ pub enum VcpuExitReason {
     PowerOff,
     /// The guest asked KVM to reset (KVM_SYSTEM_EVENT_RESET).
     Reset,
-    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN); the text is the vCPU state at the time.
+    TripleFault(String),
     /// Something the VMM cannot continue from.
     Failed(String),
 }
@@ -322,7 +322,12 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(exit) => {
                     if let Some(reason) = handle_exit(exit, shared) {
-                        return reason;
+                        return match reason {
+                            VcpuExitReason::TripleFault(_) => {
+                                VcpuExitReason::TripleFault(self.state_summary())
+                            }
+                            other => other,
+                        };
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -330,6 +335,19 @@ impl Vcpu {
                 }
                 Err(e) => return VcpuExitReason::Failed(format!("KVM_RUN failed: {e}")),
             }
+        }
+    }
+}
+
+impl Vcpu {
+    /// The registers that tell where a guest died, for the error message.
+    fn state_summary(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
         }
     }
 }
@@ -357,7 +375,7 @@ fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<VcpuExitReason
             shared.mmio.write(addr, data);
             None
         }
-        VcpuExit::Shutdown => Some(VcpuExitReason::TripleFault),
+        VcpuExit::Shutdown => Some(VcpuExitReason::TripleFault(String::new())),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(VcpuExitReason::PowerOff),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(VcpuExitReason::Reset),
