@@ -298,6 +298,16 @@ class Box:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def healthy(self, timeout: float = 20) -> bool:
+        """Alive and answering a trivial command. An L1 whose CPU is soft-locked (seen after a
+        nested guest's exit under TCG) is alive but not healthy, and must be booted again."""
+        if not self.alive():
+            return False
+        try:
+            return self.run("true", timeout=timeout)[0] == 0
+        except Exception:  # noqa: BLE001 - any failure to answer means "not healthy"
+            return False
+
     # ---- console plumbing -----------------------------------------------------------------------
     def _read_loop(self) -> None:
         fd = self.proc.stdout.fileno()
@@ -706,13 +716,13 @@ def retry_on_flake(fn):
                 # The same nested-SVM fault makes QEMU as L2 reset the guest ("early L2 reset"
                 # above); our vmm stops with this error instead. A real bug fails the retry too.
                 why = "an L2 vCPU triple-faulted (nested SVM under TCG)"
-            elif box is not None and not box.alive():
-                why = f"L1 died: {box.crash_signature() or box._exit_note()}"
+            elif box is not None and not box.healthy():
+                why = f"L1 died or stopped answering: {box.crash_signature() or box._exit_note()}"
             else:
                 raise
             log(f"{fn.__name__}: {why} -- known nested-TCG flake, retrying once")
             warnings.warn(f"{fn.__name__}: test-box flake ({why}); the scenario was run again")
-            if box is not None and not box.alive():
+            if box is not None and not box.healthy():
                 box.restart()
             elif vms is not None:
                 vms.cleanup()

@@ -13,4 +13,30 @@ python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 bash "$ROOT/resources/guest/build.sh"
 cd "$ROOT"
-exec python3 -m pytest tests/testbox -v --tb=short -p no:cacheprovider "$@"
+# The nested box has flakes of its own (see README.md: QEMU/TCG's SVM emulation can crash or
+# soft-lock L1). Scenarios already retry once inside a session; scenarios that still failed get
+# one more run in a fresh box, and only a failure there fails the suite (a real bug fails twice).
+mkdir -p build/testbox
+set +e
+python3 -m pytest tests/testbox -v --tb=short -p no:cacheprovider \
+  --junitxml=build/testbox/junit.xml "$@"
+rc=$?
+set -e
+if [ $rc -eq 1 ] && [ -z "${TESTBOX_NO_RERUN:-}" ]; then
+  failed=$(python3 - build/testbox/junit.xml <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+for case in ET.parse(sys.argv[1]).iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        mod = case.get("classname", "").replace(".", "/")
+        print(f"{mod}.py::{case.get('name')}")
+PY
+)
+  if [ -n "$failed" ]; then
+    echo "test box: re-running in a fresh box the scenarios that failed: $(echo $failed)"
+    # shellcheck disable=SC2086
+    python3 -m pytest -v --tb=short -p no:cacheprovider $failed
+    rc=$?
+  fi
+fi
+exit $rc
