@@ -58,7 +58,15 @@ impl Counter {
 
     fn inc(&mut self, what: &str, off: u64, bytes: u64) {
         let first = off >> self.cb;
-        let last = (off + bytes.max(1) - 1) >> self.cb;
+        // A hostile entry can name a range that wraps around the address space.
+        let Some(end) = off.checked_add(bytes.max(1) - 1) else {
+            self.report.corruptions += 1;
+            self.note(format!(
+                "ERROR {what} at {off:#x} (+{bytes:#x} bytes) lies past the end of the image"
+            ));
+            return;
+        };
+        let last = end >> self.cb;
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
@@ -355,6 +363,20 @@ fn fix(img: &mut Qcow2Image, scan: &Scan, repair: Repair) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer: an entry whose range wraps past u64::MAX is a corruption, not a
+    /// panic.
+    #[test]
+    fn wrapping_range_is_reported_not_panicking() {
+        let mut c = Counter {
+            refs: vec![0; 16],
+            cb: 16,
+            report: CheckReport::default(),
+        };
+        c.inc("L2 table", u64::MAX - 10, 1 << 16);
+        assert_eq!(c.report.corruptions, 1);
+        assert!(c.report.messages[0].contains("past the end"));
+    }
     use crate::block::qcow2::create::{create, CreateOptions};
     use crate::block::{DiskImage, OpenOptions};
 
