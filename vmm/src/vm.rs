@@ -77,9 +77,9 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the host range is a live mapping owned by `memory`, which this Vm keeps for
-            // its whole life. vCPU threads are joined before a Vm is dropped, and `fd` is declared
-            // before `memory`, so the slot is never used after the mapping goes away.
+            // The host range is a live mapping owned by `memory`, kept for the Vm's whole life;
+            // vCPU threads are joined before a Vm is dropped and `fd` drops before `memory`.
+            // SAFETY: so the slot is never used after the mapping goes away.
             unsafe { fd.set_user_memory_region(mem_region) }.map_err(VmError::MemorySlot)?;
         }
         let setup = |what, r: Result<(), kvm_ioctls::Error>| {
