@@ -3,12 +3,19 @@
 //! the GED's interrupt (edge, GSI 5 in our layout). The guest's `_EVT` method reads the one-byte
 //! register at port 0x608; the read returns the pending bits and clears them, so each press is
 //! reported exactly once even if several arrive before the guest looks.
+//!
+//! State ([`Persist`]): the pending-event bits. Restore does not pulse the interrupt again: it
+//! was delivered when the event was latched, and the interrupt controller's state is saved with
+//! the VM.
 
 use std::io;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
 use crate::interrupt::InterruptLine;
+use crate::persist::{Persist, RestoreError};
 
 /// Port of the pending-event register.
 pub const GED_PORT_BASE: u64 = 0x608;
@@ -22,6 +29,9 @@ pub enum GedEvent {
     /// The power button was pressed (the DSDT's `_EVT` notifies `\_SB.PWRB` with 0x80).
     PowerButton = 1 << 0,
 }
+
+/// Every bit a [`GedEvent`] can latch.
+const ALL_EVENTS: u8 = GedEvent::PowerButton as u8;
 
 /// The generic event device; see the module documentation.
 pub struct Ged {
@@ -63,6 +73,34 @@ impl Ged {
     }
 }
 
+/// The saved state of a [`Ged`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GedState {
+    /// Events latched and not yet read by the guest ([`GedEvent`] bits).
+    pub pending: u8,
+}
+
+impl Persist for Ged {
+    type State = GedState;
+
+    fn save(&self) -> GedState {
+        GedState {
+            pending: self.pending,
+        }
+    }
+
+    fn restore(&mut self, state: &GedState) -> Result<(), RestoreError> {
+        if state.pending & !ALL_EVENTS != 0 {
+            return Err(RestoreError::invalid(
+                "pending",
+                format!("{:#04x} has bits of no known event", state.pending),
+            ));
+        }
+        self.pending = state.pending;
+        Ok(())
+    }
+}
+
 impl BusDevice for Ged {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -100,6 +138,25 @@ mod tests {
         assert_eq!(d, [1]);
         ged.read(0, &mut d);
         assert_eq!(d, [0]);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_a_pending_event() {
+        let mut src = Ged::new(Arc::new(CountingLine::default()));
+        src.notify_power_button().unwrap();
+        let line = Arc::new(CountingLine::default());
+        let mut dst = Ged::new(line.clone());
+        let state = crate::persist::assert_round_trip(&src, &mut dst);
+        assert_eq!(state.pending, 1);
+        assert_eq!(line.count(), 0, "no second interrupt for the same press");
+        let mut d = [0u8];
+        dst.read(0, &mut d);
+        assert_eq!(d, [1]);
+        dst.read(0, &mut d);
+        assert_eq!(d, [0]);
+
+        assert!(dst.restore(&GedState { pending: 0x82 }).is_err());
+        assert_eq!(dst.pending(), 0);
     }
 
     #[test]

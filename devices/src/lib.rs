@@ -1,7 +1,8 @@
 //! Everything in the VMM that is not virtio: the port-I/O and MMIO [`bus`], the legacy PC
 //! platform devices ([`serial`], [`i8042`], [`cmos`]), the ACPI power-management blocks
-//! ([`acpi_pm`], [`ged`]), the [`interrupt`] line abstraction they signal through, and the
-//! host-side character backends ([`chardev`]) behind the consoles.
+//! ([`acpi_pm`], [`ged`]), the [`interrupt`] line abstraction they signal through, the
+//! host-side character backends ([`chardev`]) behind the consoles, and the state contract
+//! ([`persist`]) every device implements for snapshots.
 //!
 //! This is a leaf crate: it knows nothing of KVM. Devices raise interrupts through
 //! [`interrupt::InterruptLine`] objects and ask the VMM for power transitions through EventFds;
@@ -16,4 +17,5 @@ pub mod ged;
 pub mod i8042;
 pub mod interrupt;
 pub mod pci;
+pub mod persist;
 pub mod serial;

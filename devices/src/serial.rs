@@ -12,11 +12,17 @@
 //!
 //! Only single-byte accesses within the 8 registers are meaningful; anything else reads as
 //! 0xff and writes are ignored.
+//!
+//! State ([`Persist`]): the UART registers and receive FIFO ([`SerialState`]) plus the pending
+//! host input. The output sink, the interrupt line and the room EventFd are constructor
+//! arguments.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -24,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 use crate::chardev::LossyWriter;
 use crate::interrupt::InterruptLine;
+use crate::persist::{Persist, RestoreError};
 
 /// Number of UART registers (the length of its bus range).
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -31,14 +38,38 @@ pub const SERIAL_PORT_LEN: u64 = 8;
 /// Host input buffered in front of the UART's FIFO, in bytes.
 pub const INPUT_QUEUE_CAPACITY: usize = 64 * 1024;
 
+/// Size of the UART's receive FIFO (16550A).
+pub const UART_FIFO_SIZE: usize = 64;
+
 /// Adapts an [`InterruptLine`] to `vm_superio`'s `Trigger`.
-struct LineTrigger(Arc<dyn InterruptLine>);
+///
+/// A failure is logged here (once per trigger object) and not reported to the UART: the
+/// register update that came with it has happened either way, and an infallible trigger lets a
+/// restore rebuild the UART without the risk of losing its output sink halfway.
+struct LineTrigger {
+    line: Arc<dyn InterruptLine>,
+    warned: AtomicBool,
+}
+
+impl LineTrigger {
+    fn new(line: Arc<dyn InterruptLine>) -> Self {
+        LineTrigger {
+            line,
+            warned: AtomicBool::new(false),
+        }
+    }
+}
 
 impl Trigger for LineTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.trigger()
+        if let Err(e) = self.line.trigger() {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                log::warn!("serial: cannot raise the interrupt: {e}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -57,8 +88,6 @@ pub struct Serial {
     room_evt: Option<EventFd>,
     /// Whether `enqueue_input` refused bytes since the last room notification.
     input_refused: bool,
-    /// Whether an interrupt failure was already logged (to avoid flooding the log).
-    warned_trigger: bool,
 }
 
 impl std::fmt::Debug for Serial {
@@ -83,12 +112,11 @@ impl Serial {
         capacity: usize,
     ) -> Serial {
         Serial {
-            uart: vm_superio::Serial::new(LineTrigger(interrupt), LossyWriter::new(out)),
+            uart: vm_superio::Serial::new(LineTrigger::new(interrupt), LossyWriter::new(out)),
             pending: VecDeque::new(),
             capacity,
             room_evt: None,
             input_refused: false,
-            warned_trigger: false,
         }
     }
 
@@ -109,7 +137,7 @@ impl Serial {
         let mut taken = 0;
         if self.pending.is_empty() {
             let len = bytes.len().min(self.uart.fifo_capacity());
-            taken = Self::push_to_uart(&mut self.uart, &mut self.warned_trigger, &bytes[..len]);
+            taken = Self::push_to_uart(&mut self.uart, &bytes[..len]);
         }
         let rest = &bytes[taken..];
         let queued = rest
@@ -143,7 +171,7 @@ impl Serial {
         while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
             let (front, _) = self.pending.as_slices();
             let chunk = &front[..front.len().min(self.uart.fifo_capacity())];
-            let moved = Self::push_to_uart(&mut self.uart, &mut self.warned_trigger, chunk);
+            let moved = Self::push_to_uart(&mut self.uart, chunk);
             if moved == 0 {
                 // Loopback mode takes no host input; leave it queued.
                 break;
@@ -161,25 +189,15 @@ impl Serial {
     }
 
     /// Puts `chunk` (at most the FIFO's free space) in the UART's FIFO; returns how much it took.
-    fn push_to_uart(uart: &mut Uart, warned_trigger: &mut bool, chunk: &[u8]) -> usize {
+    fn push_to_uart(uart: &mut Uart, chunk: &[u8]) -> usize {
         if chunk.is_empty() {
             return 0;
         }
         match uart.enqueue_raw_bytes(chunk) {
             Ok(n) => n,
-            // The bytes are in the FIFO already; only the interrupt failed.
-            Err(UartError::Trigger(e)) => {
-                Self::log_trigger_error(warned_trigger, &e);
-                chunk.len()
-            }
+            // Not reported by `LineTrigger`; the bytes would be in the FIFO already.
+            Err(UartError::Trigger(_)) => chunk.len(),
             Err(UartError::FullFifo) | Err(UartError::IOError(_)) => 0,
-        }
-    }
-
-    fn log_trigger_error(warned: &mut bool, e: &io::Error) {
-        if !*warned {
-            *warned = true;
-            log::warn!("serial: cannot raise the interrupt: {e}");
         }
     }
 
@@ -189,6 +207,116 @@ impl Serial {
             return None;
         }
         u8::try_from(offset).ok()
+    }
+}
+
+/// The UART registers and receive FIFO, as `vm_superio::serial::SerialState` (which has no
+/// serde support) names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartRegisters {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO, oldest first (at most [`UART_FIFO_SIZE`]).
+    pub in_buffer: Vec<u8>,
+}
+
+/// The saved state of a [`Serial`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// The UART itself.
+    pub uart: UartRegisters,
+    /// Host input waiting for room in the FIFO, oldest first (at most the device's input
+    /// capacity).
+    pub pending: Vec<u8>,
+}
+
+impl Persist for Serial {
+    type State = SerialState;
+
+    fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            uart: UartRegisters {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
+            pending: self.pending.iter().copied().collect(),
+        }
+    }
+
+    /// Rebuilds the UART from the registers (re-raising an interrupt the saved IIR shows as
+    /// pending and enabled, as `vm_superio` does) and keeps the output sink.
+    fn restore(&mut self, state: &SerialState) -> Result<(), RestoreError> {
+        let r = &state.uart;
+        if r.in_buffer.len() > UART_FIFO_SIZE {
+            return Err(RestoreError::invalid(
+                "uart.in_buffer",
+                format!(
+                    "{} bytes in a {UART_FIFO_SIZE}-byte FIFO",
+                    r.in_buffer.len()
+                ),
+            ));
+        }
+        if state.pending.len() > self.capacity {
+            return Err(RestoreError::invalid(
+                "pending",
+                format!(
+                    "{} bytes of input for a {}-byte queue",
+                    state.pending.len(),
+                    self.capacity
+                ),
+            ));
+        }
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        };
+        let line = self.uart.interrupt_evt().line.clone();
+        let placeholder = vm_superio::Serial::new(
+            LineTrigger::new(line.clone()),
+            LossyWriter::new(Box::new(io::sink()) as Box<dyn Write + Send>),
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        // Cannot fail: the FIFO length is checked above and `LineTrigger` never reports.
+        match vm_superio::Serial::from_state(&uart_state, LineTrigger::new(line), NoEvents, out) {
+            Ok(uart) => self.uart = uart,
+            Err(e) => log::error!("serial: restoring the UART failed, output is lost: {e}"),
+        }
+        self.pending = state.pending.iter().copied().collect();
+        self.input_refused = false;
+        Ok(())
     }
 }
 
@@ -208,11 +336,9 @@ impl BusDevice for Serial {
             log::debug!("serial: ignored {}-byte write at {offset}", data.len());
             return;
         };
-        match self.uart.write(reg, data[0]) {
-            Ok(()) => {}
-            Err(UartError::Trigger(e)) => Self::log_trigger_error(&mut self.warned_trigger, &e),
-            // The lossy sink never fails and a write never reports a full FIFO.
-            Err(e) => log::debug!("serial: register write failed: {e}"),
+        // The lossy sink never fails, the trigger never reports, a write never fills the FIFO.
+        if let Err(e) = self.uart.write(reg, data[0]) {
+            log::debug!("serial: register write failed: {e}");
         }
         self.fill_fifo();
     }
@@ -393,6 +519,81 @@ mod tests {
         assert!(sink.0.lock().unwrap().is_empty());
         // The input byte was not consumed by any of that.
         assert_eq!(inb(&mut s, RBR), b'k');
+    }
+
+    const LCR: u64 = 3;
+    const SCR: u64 = 7;
+
+    /// The registers a guest can read without side effects, divisor latch included.
+    fn visible_registers(s: &mut Serial) -> Vec<u8> {
+        let lcr = inb(s, LCR);
+        let mut regs = vec![lcr, inb(s, IER), inb(s, MCR), inb(s, LSR), inb(s, SCR)];
+        s.write(LCR, &[lcr | 0x80]);
+        regs.extend([inb(s, 0), inb(s, 1)]);
+        s.write(LCR, &[lcr]);
+        regs
+    }
+
+    #[test]
+    fn state_round_trip_keeps_registers_fifo_and_pending_input() {
+        let (mut src, _, _) = serial();
+        // 8N1 at 9600 baud (divisor 12), a scratch value, RX interrupt on, 100 bytes of input.
+        src.write(LCR, &[0x83]);
+        src.write(0, &[12]);
+        src.write(1, &[0]);
+        src.write(LCR, &[0x03]);
+        src.write(SCR, &[0x5a]);
+        src.write(MCR, &[0x0b]);
+        src.write(IER, &[IER_RDA]);
+        let input: Vec<u8> = (0..100u8).collect();
+        assert_eq!(src.enqueue_input(&input), 100);
+        assert_eq!(inb(&mut src, RBR), 0);
+        assert_eq!(src.pending_input(), 36 - 1);
+
+        let line = Arc::new(CountingLine::default());
+        let sink = SharedSink::default();
+        let mut dst = Serial::new(line.clone(), Box::new(sink.clone()));
+        let state = crate::persist::assert_round_trip(&src, &mut dst);
+        assert_eq!(state.uart.in_buffer.len(), 64);
+        // The RX interrupt the guest has not acknowledged yet is raised again.
+        assert_eq!(line.count(), 1);
+
+        assert_eq!(visible_registers(&mut dst), visible_registers(&mut src));
+        assert_eq!(inb(&mut dst, IIR) & 0x0f, inb(&mut src, IIR) & 0x0f);
+        let drain = |s: &mut Serial| {
+            let mut got = Vec::new();
+            while inb(s, LSR) & LSR_DR != 0 {
+                got.push(inb(s, RBR));
+            }
+            got
+        };
+        assert_eq!(drain(&mut dst), input[1..]);
+        assert_eq!(drain(&mut src), input[1..]);
+        // Output goes to the restored device's own sink.
+        dst.write(THR, b"!");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+    }
+
+    #[test]
+    fn restore_refuses_oversized_buffers() {
+        let (src, _, _) = serial();
+        let good = src.save();
+        let line = Arc::new(CountingLine::default());
+        let mut dst = Serial::with_input_capacity(line, Box::new(io::sink()), 10);
+
+        let mut bad = good.clone();
+        bad.uart.in_buffer = vec![0; UART_FIFO_SIZE + 1];
+        assert!(matches!(
+            dst.restore(&bad),
+            Err(RestoreError::Invalid { ref field, .. }) if field == "uart.in_buffer"
+        ));
+        let mut bad = good.clone();
+        bad.pending = vec![0; 11];
+        assert!(matches!(
+            dst.restore(&bad),
+            Err(RestoreError::Invalid { ref field, .. }) if field == "pending"
+        ));
+        assert_eq!(dst.save(), good, "a refused state changes nothing");
     }
 
     #[test]

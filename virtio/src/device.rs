@@ -8,13 +8,21 @@
 //! file descriptors and no threads. The transport's event glue calls
 //! [`VirtioDevice::process_queue`] when a queue is notified, and
 //! [`VirtioDevice::process_backend`] when one of [`VirtioDevice::backend_fds`] is ready.
+//!
+//! Snapshots: what every device shares (status, features, queues, MSI-X, PCI config) is saved
+//! by the transport. Before state is taken, [`VirtioDevice::quiesce`] completes in-flight work
+//! and flushes backends; [`VirtioDevice::active_queue_states`] reports how far the device got in
+//! each queue, and [`VirtioDevice::save_state`] / [`VirtioDevice::restore_state`] carry the
+//! device's own part, one [`VirtioDeviceState`] variant per device type.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use devices::persist::RestoreError;
 use event_manager::EventSet;
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The guest memory type devices work on.
@@ -106,6 +114,22 @@ pub enum ActivateError {
     Io(#[from] io::Error),
 }
 
+/// A device's own part of a snapshot (what the transport does not save), by device type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// virtio-blk.
+    Block(crate::block::BlockState),
+}
+
+impl VirtioDeviceState {
+    /// The device type the state belongs to, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VirtioDeviceState::Block(_) => "block",
+        }
+    }
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// virtio device type (2 = block, 1 = net, ...).
@@ -133,4 +157,20 @@ pub trait VirtioDevice: Send {
     }
     /// One of [`VirtioDevice::backend_fds`] (by position) is ready.
     fn process_backend(&mut self, _index: usize, _events: EventSet) {}
+    /// The queues an active device runs, as `(index, state)`: the transport's own copy of a
+    /// queue stops at what the driver configured, while the device's copy moves `next_avail`
+    /// and `next_used`. Empty while inactive.
+    fn active_queue_states(&self) -> Vec<(u16, QueueState)>;
+    /// Completes in-flight work and flushes backends (e.g. the disk image), before the VM's
+    /// state is taken. The device stays usable.
+    fn quiesce(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The device's own state (not what the transport saves).
+    fn save_state(&self) -> VirtioDeviceState;
+    /// Applies a state from [`VirtioDevice::save_state`] to this device, freshly built from
+    /// the same configuration and not active; checks that it fits (same device type, same
+    /// backend properties) first and changes nothing on error. The transport activates the
+    /// device afterwards if it was running.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError>;
 }

@@ -5,7 +5,8 @@
 //!   feature and status constants.
 //! - [`transport`]: the virtio-pci modern (1.x only) transport, a `devices::pci::PciDevice`
 //!   with MSI-X that wraps any [`VirtioDevice`], and the event-manager glue that dispatches
-//!   queue notifications and backend fds to it.
+//!   queue notifications and backend fds to it. Its [`VirtioPciState`] is a device's whole
+//!   snapshot: what every virtio device shares plus the device's own [`VirtioDeviceState`].
 //! - [`block`]: virtio-blk over a `devices::block::DiskImage`.
 //!
 //! Queue logic (e.g. [`block::BlockQueueHandler`]) is kept apart from the event glue so it can be
@@ -16,7 +17,7 @@ pub mod device;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    ActivateContext, ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, VirtioInterruptType,
 };
-pub use transport::{VirtioPciDevice, VirtioPciError};
+pub use transport::{VirtioPciDevice, VirtioPciError, VirtioPciState};

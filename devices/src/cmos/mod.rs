@@ -20,12 +20,17 @@
 //!   and alarm (AIE) interrupts are driven by a timerfd the VMM's event loop polls
 //!   ([`Cmos::timer_fd`], [`Cmos::handle_timer`]). Linux emulates `RTC_UIE_ON` (used by
 //!   util-linux `hwclock`) with the alarm. The periodic interrupt (PIE) is not emulated.
+//! - State ([`Persist`]): the index, the 128 bytes of NVRAM (status registers included), the
+//!   guest's offset from the host clock and the frozen time while SET is on. The guest clock
+//!   keeps running from the host's wall clock across a snapshot, as it does across a host
+//!   suspend. Restore re-arms the update/alarm timer from register B.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::timerfd::TimerFd;
 
 mod datetime;
@@ -34,6 +39,7 @@ use datetime::DateTime;
 
 use crate::bus::BusDevice;
 use crate::interrupt::InterruptLine;
+use crate::persist::{Persist, RestoreError};
 
 /// The index port.
 pub const CMOS_PORT_BASE: u64 = 0x70;
@@ -90,6 +96,14 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
+
+/// Bytes of CMOS NVRAM (registers included).
+pub const CMOS_NVRAM_LEN: usize = 128;
+/// Largest guest clock offset a state may carry (about 1.1 million years): far beyond the 0..=9999
+/// years a guest can set, and small enough that no date computation overflows.
+const MAX_OFFSET_SECS: u64 = 1 << 45;
+/// Largest (absolute) year of a saved frozen time.
+const MAX_FROZEN_YEAR: u64 = 1_000_000;
 
 /// Errors setting up the RTC.
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +441,140 @@ impl Cmos {
     }
 }
 
+/// A broken-down UTC time, as saved while the clock is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosTime {
+    /// Year (proleptic Gregorian).
+    pub year: i64,
+    /// Month, 1..=12.
+    pub month: u32,
+    /// Day of the month, 1..=31.
+    pub day: u32,
+    /// Hour, 0..=23.
+    pub hour: u32,
+    /// Minute, 0..=59.
+    pub minute: u32,
+    /// Second, 0..=59.
+    pub second: u32,
+}
+
+/// The saved state of a [`Cmos`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// The selected register (0..128).
+    pub index: u8,
+    /// The NVRAM, [`CMOS_NVRAM_LEN`] bytes (status registers A..D included).
+    pub nvram: Vec<u8>,
+    /// Guest time minus host time, in seconds.
+    pub offset_secs: i64,
+    /// The time being edited while status B's SET bit is on (present exactly then).
+    pub frozen: Option<CmosTime>,
+}
+
+impl CmosTime {
+    fn validate(&self) -> Result<(), RestoreError> {
+        let bad = |what: &str, v: String| Err(RestoreError::invalid(format!("frozen.{what}"), v));
+        if self.year.unsigned_abs() > MAX_FROZEN_YEAR {
+            return bad("year", format!("{} is out of range", self.year));
+        }
+        if !(1..=12).contains(&self.month) {
+            return bad("month", format!("{} is not 1..=12", self.month));
+        }
+        if !(1..=31).contains(&self.day) {
+            return bad("day", format!("{} is not 1..=31", self.day));
+        }
+        if self.hour > 23 || self.minute > 59 || self.second > 59 {
+            return bad(
+                "time",
+                format!(
+                    "{}:{}:{} is not a time of day",
+                    self.hour, self.minute, self.second
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl From<DateTime> for CmosTime {
+    fn from(t: DateTime) -> Self {
+        CmosTime {
+            year: t.year,
+            month: t.month,
+            day: t.day,
+            hour: t.hour,
+            minute: t.minute,
+            second: t.second,
+        }
+    }
+}
+
+impl From<CmosTime> for DateTime {
+    fn from(t: CmosTime) -> Self {
+        DateTime {
+            year: t.year,
+            month: t.month,
+            day: t.day,
+            hour: t.hour,
+            minute: t.minute,
+            second: t.second,
+        }
+    }
+}
+
+impl Persist for Cmos {
+    type State = CmosState;
+
+    fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+            offset_secs: self.offset_secs,
+            frozen: self.frozen.map(CmosTime::from),
+        }
+    }
+
+    fn restore(&mut self, state: &CmosState) -> Result<(), RestoreError> {
+        if state.index & !INDEX_MASK != 0 {
+            return Err(RestoreError::invalid(
+                "index",
+                format!("{:#x} is not a register", state.index),
+            ));
+        }
+        let nvram: [u8; CMOS_NVRAM_LEN] = state.nvram.as_slice().try_into().map_err(|_| {
+            RestoreError::invalid(
+                "nvram",
+                format!("{} bytes, expected {CMOS_NVRAM_LEN}", state.nvram.len()),
+            )
+        })?;
+        if state.offset_secs.unsigned_abs() > MAX_OFFSET_SECS {
+            return Err(RestoreError::invalid(
+                "offset_secs",
+                format!("{} is out of range", state.offset_secs),
+            ));
+        }
+        if let Some(t) = &state.frozen {
+            t.validate()?;
+        }
+        let set = nvram[usize::from(REG_B)] & B_SET != 0;
+        if set != state.frozen.is_some() {
+            return Err(RestoreError::invalid(
+                "frozen",
+                format!(
+                    "a frozen time must be saved exactly while register B's SET bit is on (B = {:#04x})",
+                    nvram[usize::from(REG_B)]
+                ),
+            ));
+        }
+        self.index = state.index;
+        self.nvram = nvram;
+        self.offset_secs = state.offset_secs;
+        self.frozen = state.frozen.map(DateTime::from);
+        self.rearm_timer();
+        Ok(())
+    }
+}
+
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 {
@@ -665,6 +813,123 @@ mod tests {
             u16::from_le_bytes([small.reg(REG_EXT_MEM_LO), small.reg(REG_EXT_MEM_LO + 1)]),
             7 * 1024
         );
+    }
+
+    #[test]
+    fn state_round_trip_keeps_time_nvram_and_timer() {
+        let mut src = Cmos::new(512 * MIB, 0);
+        src.clock = || Duration::from_secs(1_700_000_000);
+        // Guest time one hour ahead, an NVRAM byte, alarm registers, binary mode.
+        let hours = read_reg(&mut src, REG_HOURS);
+        write_reg(&mut src, REG_HOURS, hours + 1);
+        write_reg(&mut src, 0x40, 0xab);
+        write_reg(&mut src, REG_HOURS_ALARM, 0xff);
+        write_reg(&mut src, REG_B, B_24H | B_BINARY | B_AIE);
+        src.write(INDEX, &[0x41]);
+
+        let mut dst = Cmos::new(512 * MIB, 0);
+        dst.clock = src.clock;
+        let line = Arc::new(CountingLine::default());
+        dst.enable_interrupts(line).unwrap();
+        let state = crate::persist::assert_round_trip(&src, &mut dst);
+        assert_eq!(state.offset_secs, 3600);
+        // The timer follows register B's AIE bit.
+        assert!(dst.irq.as_ref().unwrap().timer.is_armed().unwrap());
+
+        // Same selected register, same NVRAM, same time, same modes.
+        let mut d = [0u8];
+        dst.read(DATA, &mut d);
+        assert_eq!(d[0], read_reg(&mut src, 0x41));
+        for reg in [
+            0x40,
+            REG_HOURS_ALARM,
+            REG_B,
+            REG_SECONDS,
+            REG_HOURS,
+            REG_YEAR,
+        ] {
+            assert_eq!(read_reg(&mut dst, reg), read_reg(&mut src, reg), "{reg:#x}");
+        }
+
+        // A clock frozen by SET stays frozen with the edited value.
+        write_reg(&mut src, REG_B, B_24H | B_SET);
+        write_reg(&mut src, REG_YEAR, 0x99);
+        let state = crate::persist::assert_round_trip(&src, &mut dst);
+        assert!(state.frozen.is_some());
+        assert!(!dst.irq.as_ref().unwrap().timer.is_armed().unwrap());
+        assert_eq!(read_reg(&mut dst, REG_YEAR), 0x99);
+        write_reg(&mut dst, REG_B, B_24H);
+        assert_eq!(read_reg(&mut dst, REG_YEAR), 0x99);
+    }
+
+    #[test]
+    fn restore_refuses_invalid_states() {
+        let c = Cmos::new(0, 0);
+        let good = c.save();
+        let frozen = CmosTime {
+            year: 2024,
+            month: 2,
+            day: 29,
+            hour: 1,
+            minute: 2,
+            second: 3,
+        };
+        let mut frozen_b = good.nvram.clone();
+        frozen_b[usize::from(REG_B)] |= B_SET;
+        let bad_states = [
+            CmosState {
+                index: 0x80,
+                ..good.clone()
+            },
+            CmosState {
+                nvram: vec![0; 129],
+                ..good.clone()
+            },
+            CmosState {
+                offset_secs: i64::MIN,
+                ..good.clone()
+            },
+            // Frozen without SET, SET without a frozen time.
+            CmosState {
+                frozen: Some(frozen),
+                ..good.clone()
+            },
+            CmosState {
+                nvram: frozen_b.clone(),
+                ..good.clone()
+            },
+            CmosState {
+                nvram: frozen_b.clone(),
+                frozen: Some(CmosTime {
+                    month: 13,
+                    ..frozen
+                }),
+                ..good.clone()
+            },
+            CmosState {
+                nvram: frozen_b.clone(),
+                frozen: Some(CmosTime {
+                    year: i64::MAX,
+                    ..frozen
+                }),
+                ..good.clone()
+            },
+        ];
+        let mut dst = Cmos::new(0, 0);
+        for bad in &bad_states {
+            assert!(
+                matches!(dst.restore(bad), Err(RestoreError::Invalid { .. })),
+                "{bad:?}"
+            );
+            assert_eq!(dst.save(), good);
+        }
+        let ok = CmosState {
+            nvram: frozen_b,
+            frozen: Some(frozen),
+            ..good
+        };
+        dst.restore(&ok).unwrap();
+        assert_eq!(read_reg(&mut dst, REG_YEAR), 0x24);
     }
 
     #[test]

@@ -7,8 +7,16 @@
 //! is reported as a [`BarReprogram`] once the matching decode bit (memory or I/O) of the
 //! command register is set and the value is not a sizing pattern. Linux disables decoding while
 //! it rewrites a 64-bit BAR, so the intermediate half-written address is never reported.
+//!
+//! State ([`Persist`]): every register and where each BAR is mapped. What the device's
+//! constructor and BAR allocation define (ids, class, capability bodies, BAR types and sizes:
+//! every bit outside the writable mask and the device-emulated bytes) must be the same in the
+//! state and in the device it is restored into.
+
+use serde::{Deserialize, Serialize};
 
 use super::{BarReprogram, PciBarRegion, PciBarRegionType, PciError};
+use crate::persist::{Persist, RestoreError};
 
 /// Number of 32-bit registers in a (PCI Express sized) configuration space.
 pub const NUM_CONFIG_REGISTERS: usize = 1024;
@@ -68,6 +76,8 @@ struct BarState {
 pub struct PciConfiguration {
     regs: Vec<u32>,
     writable: Vec<u32>,
+    /// Bits the owning device writes itself ([`PciConfiguration::mark_emulated`]).
+    emulated: Vec<u32>,
     bars: [Option<BarState>; NUM_BARS],
     last_cap: Option<usize>,
     next_cap: usize,
@@ -98,6 +108,7 @@ impl PciConfiguration {
         PciConfiguration {
             regs,
             writable,
+            emulated: vec![0u32; NUM_CONFIG_REGISTERS],
             bars: [None; NUM_BARS],
             last_cap: None,
             next_cap: FIRST_CAP_OFFSET,
@@ -123,21 +134,11 @@ impl PciConfiguration {
         if !bar.size.is_power_of_two() || bar.size < min {
             return Err(PciError::BarSize(bar.size));
         }
-        let bad_addr = PciError::BarAddress {
-            addr: bar.base,
-            size: bar.size,
-        };
-        let limit = match bar.region_type {
-            PciBarRegionType::Memory32 => 1u64 << 32,
-            PciBarRegionType::Io => 1 << 16,
-            PciBarRegionType::Memory64 => u64::MAX,
-        };
-        let fits = bar
-            .base
-            .checked_add(bar.size - 1)
-            .is_some_and(|end| end < limit);
-        if !bar.base.is_multiple_of(bar.size) || !fits {
-            return Err(bad_addr);
+        if !bar_address_ok(bar.region_type, bar.base, bar.size) {
+            return Err(PciError::BarAddress {
+                addr: bar.base,
+                size: bar.size,
+            });
         }
         let mask = !(bar.size - 1);
         let reg = BAR0_REG + idx;
@@ -162,6 +163,15 @@ impl PciConfiguration {
             mapped: bar.base,
         });
         Ok(())
+    }
+
+    /// Declares `len` bytes at `offset` as emulated by the owning device: it writes them itself
+    /// with [`PciConfiguration::write_raw`] (e.g. a capability's guest-programmable fields), so a
+    /// restored state may differ there from a fresh device. Out-of-range bytes are ignored.
+    pub fn mark_emulated(&mut self, offset: usize, len: usize) {
+        for byte in offset..offset.saturating_add(len).min(NUM_CONFIG_REGISTERS * 4) {
+            self.emulated[byte / 4] |= 0xff << ((byte % 4) * 8);
+        }
     }
 
     fn bar_slot_used(&self, idx: usize, count: usize) -> bool {
@@ -332,6 +342,128 @@ impl PciConfiguration {
     }
 }
 
+/// Whether `base` suits a BAR of `region_type` and `size` (a power of two): aligned to the size
+/// and, with the size, inside the BAR type's address space.
+fn bar_address_ok(region_type: PciBarRegionType, base: u64, size: u64) -> bool {
+    let limit = match region_type {
+        PciBarRegionType::Memory32 => 1u64 << 32,
+        PciBarRegionType::Io => 1 << 16,
+        PciBarRegionType::Memory64 => u64::MAX,
+    };
+    let fits = size
+        .checked_sub(1)
+        .and_then(|last| base.checked_add(last))
+        .is_some_and(|end| end < limit);
+    size.is_power_of_two() && base.is_multiple_of(size) && fits
+}
+
+/// One BAR in a saved [`PciConfigurationState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciBarState {
+    /// BAR index (0..6).
+    pub index: u8,
+    /// Address space type.
+    pub region_type: PciBarRegionType,
+    /// Size in bytes.
+    pub size: u64,
+    /// Prefetchable memory.
+    pub prefetchable: bool,
+    /// Where the VMM maps the BAR (the last address reported as a move; may differ from the
+    /// register contents while the guest is in the middle of reprogramming it).
+    pub mapped: u64,
+}
+
+/// The saved state of a [`PciConfiguration`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigurationState {
+    /// Every register ([`NUM_CONFIG_REGISTERS`] dwords).
+    pub registers: Vec<u32>,
+    /// The defined BARs, by index.
+    pub bars: Vec<PciBarState>,
+}
+
+impl Persist for PciConfiguration {
+    type State = PciConfigurationState;
+
+    fn save(&self) -> PciConfigurationState {
+        PciConfigurationState {
+            registers: self.regs.clone(),
+            bars: self
+                .bars
+                .iter()
+                .flatten()
+                .map(|b| PciBarState {
+                    index: b.region.index,
+                    region_type: b.region.region_type,
+                    size: b.region.size,
+                    prefetchable: b.region.prefetchable,
+                    mapped: b.mapped,
+                })
+                .collect(),
+        }
+    }
+
+    /// Needs the device's BARs defined as when the state was saved (allocate them first).
+    fn restore(&mut self, state: &PciConfigurationState) -> Result<(), RestoreError> {
+        if state.registers.len() != NUM_CONFIG_REGISTERS {
+            return Err(RestoreError::invalid(
+                "registers",
+                format!(
+                    "{} registers, expected {NUM_CONFIG_REGISTERS}",
+                    state.registers.len()
+                ),
+            ));
+        }
+        let ours: Vec<PciBarState> = self.save().bars;
+        let same_bar = |a: &PciBarState, b: &PciBarState| {
+            PciBarState { mapped: 0, ..*a } == PciBarState { mapped: 0, ..*b }
+        };
+        if ours.len() != state.bars.len()
+            || !ours.iter().zip(&state.bars).all(|(a, b)| same_bar(a, b))
+        {
+            let show = |bars: &[PciBarState]| {
+                bars.iter()
+                    .map(|b| format!("{}: {:?} {:#x}", b.index, b.region_type, b.size))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(RestoreError::mismatch(format!(
+                "the snapshot's BARs [{}] differ from this device's [{}]",
+                show(&state.bars),
+                show(&ours)
+            )));
+        }
+        for (i, bar) in state.bars.iter().enumerate() {
+            if !bar_address_ok(bar.region_type, bar.mapped, bar.size) {
+                return Err(RestoreError::invalid(
+                    format!("bars[{i}].mapped"),
+                    format!(
+                        "{:#x} does not suit a {:?} BAR of {:#x} bytes",
+                        bar.mapped, bar.region_type, bar.size
+                    ),
+                ));
+            }
+        }
+        for (i, (&saved, &fresh)) in state.registers.iter().zip(&self.regs).enumerate() {
+            let read_only = !(self.writable[i] | self.emulated[i]);
+            if (saved ^ fresh) & read_only != 0 {
+                return Err(RestoreError::mismatch(format!(
+                    "configuration register {:#x}: the snapshot has {saved:#010x}, this device \
+                     {fresh:#010x} in read-only bits {read_only:#010x}",
+                    i * 4
+                )));
+            }
+        }
+        self.regs.copy_from_slice(&state.registers);
+        for bar in &state.bars {
+            if let Some(b) = self.bars[usize::from(bar.index)].as_mut() {
+                b.mapped = bar.mapped;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +613,84 @@ mod tests {
         assert_eq!(moves[0].new_base, 0xd000_0000);
         // Sizing with decoding on reports nothing.
         assert!(cfg.write_reg(4, 0, &[0xff; 4]).is_empty());
+    }
+
+    #[test]
+    fn state_round_trip_keeps_moved_bars_and_command() {
+        let build = || {
+            let mut cfg = PciConfiguration::new(&header());
+            cfg.add_capability(0x09, &[0; 6]).unwrap();
+            cfg.mark_emulated(0x44, 2);
+            cfg.add_bar(&bar64(0xc000_0000)).unwrap();
+            cfg
+        };
+        let mut src = build();
+        src.write_reg(4, 0, &0xd000_0000u32.to_le_bytes());
+        src.write_reg(5, 0, &1u32.to_le_bytes());
+        assert_eq!(src.write_reg(1, 0, &[0x06, 0x04]).len(), 1);
+        src.write_reg(15, 0, &[11]);
+        src.write_raw(0x44, &[0xab, 0xcd]);
+        // A sizing probe in flight: the registers hold the mask, the mapping stays.
+        src.write_reg(4, 0, &[0xff; 4]);
+
+        let mut dst = build();
+        let state = crate::persist::assert_round_trip(&src, &mut dst);
+        assert_eq!(state.bars[0].mapped, 0x1_d000_0000);
+        assert_eq!(dst.bars()[0].base, 0x1_d000_0000);
+        for reg in [0, 1, 2, 4, 5, 11, 15, 0x44 / 4] {
+            assert_eq!(dst.read_reg(reg), src.read_reg(reg), "register {reg}");
+        }
+        assert_eq!(dst.command(), 0x406);
+        // The restored space keeps its masks: finishing the probe moves nothing, a new address
+        // is reported against the restored mapping, the ids stay read-only.
+        assert!(dst
+            .write_reg(4, 0, &0xd000_0000u32.to_le_bytes())
+            .is_empty());
+        let moves = dst.write_reg(5, 0, &0u32.to_le_bytes());
+        assert_eq!(moves[0].old_base, 0x1_d000_0000);
+        dst.write_reg(0, 0, &[0; 4]);
+        assert_eq!(dst.read_reg(0), 0x1042_1af4);
+    }
+
+    #[test]
+    fn restore_refuses_foreign_or_misplaced_state() {
+        let mut with_bar = PciConfiguration::new(&header());
+        with_bar.add_bar(&bar64(0xc000_0000)).unwrap();
+        let good = with_bar.save();
+
+        // Another device id, a capability the target does not have, a BAR flag changed.
+        for (reg, value) in [(0, 0x1041_1af4), (0x40 / 4, 1), (4, 0xc000_000c)] {
+            let mut bad = good.clone();
+            bad.registers[reg] = value;
+            assert!(
+                matches!(with_bar.restore(&bad), Err(RestoreError::Mismatch(_))),
+                "register {reg}"
+            );
+        }
+        // BARs: none defined on the target, another size, a misaligned or wrapping mapping.
+        let mut fresh = PciConfiguration::new(&header());
+        assert!(matches!(
+            fresh.restore(&good),
+            Err(RestoreError::Mismatch(_))
+        ));
+        let mut bad = good.clone();
+        bad.bars[0].size = 0x4000;
+        assert!(matches!(
+            with_bar.restore(&bad),
+            Err(RestoreError::Mismatch(_))
+        ));
+        for mapped in [0xc000_0010, u64::MAX - 0x7fff] {
+            let mut bad = good.clone();
+            bad.bars[0].mapped = mapped;
+            assert!(matches!(
+                with_bar.restore(&bad),
+                Err(RestoreError::Invalid { .. })
+            ));
+        }
+        let mut bad = good.clone();
+        bad.registers.pop();
+        assert!(with_bar.restore(&bad).is_err());
+        assert_eq!(with_bar.save(), good, "refused states change nothing");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! ([`msix`]), the BAR allocator for the MMIO windows ([`allocator`]) and the root bus with its
 //! two configuration access mechanisms, type-1 ports 0xCF8/0xCFC and ECAM ([`root`]).
 //!
+//! Every piece keeps its state through [`crate::persist::Persist`]: configuration space
+//! ([`PciConfigurationState`]), MSI-X ([`MsixState`]), the host bridge ([`PciRootState`]) and the
+//! type-1 address register ([`PciConfigIoState`]).
+//!
 //! Like the rest of this crate it knows nothing of KVM: BAR moves are reported to the VMM through
 //! a [`BarMoveHandler`] trait object, and MSI-X messages through [`msix::MsiInterruptGroup`].
 
@@ -15,9 +19,9 @@ use std::fmt;
 use std::io;
 
 pub use allocator::PciBarAllocator;
-pub use config::{PciConfiguration, PciHeader};
-pub use msix::{MsiInterruptGroup, MsiMessage, MsixConfig};
-pub use root::{PciConfigIo, PciConfigMmio, PciRoot};
+pub use config::{PciConfiguration, PciConfigurationState, PciHeader};
+pub use msix::{MsiInterruptGroup, MsiMessage, MsixConfig, MsixState};
+pub use root::{PciConfigIo, PciConfigIoState, PciConfigMmio, PciRoot, PciRootState};
 
 /// Errors of the PCI layer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -92,7 +96,7 @@ impl fmt::Display for PciBdf {
 }
 
 /// What kind of address space a BAR decodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PciBarRegionType {
     /// A 32-bit memory BAR (one register).
     Memory32,

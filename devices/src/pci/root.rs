@@ -5,13 +5,20 @@
 //! Both access devices share one `Arc<Mutex<PciRoot>>`. A configuration write locks the root,
 //! then the target device; BAR moves it causes are applied to the device and then reported to
 //! the VMM's [`BarMoveHandler`] after the device lock is released.
+//!
+//! State ([`Persist`]): the root saves the host bridge's configuration space ([`PciRootState`]),
+//! [`PciConfigIo`] its address register ([`PciConfigIoState`]). The devices in the slots save
+//! themselves; the VMM plugs them back into the same slots.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::config::{PciConfiguration, PciHeader};
+use serde::{Deserialize, Serialize};
+
+use super::config::{PciConfiguration, PciConfigurationState, PciHeader};
 use super::{BarMoveHandler, BarReprogram, PciBdf, PciDevice, PciError};
 use crate::bus::BusDevice;
+use crate::persist::{Persist, RestoreError};
 
 /// First I/O port of the type-1 configuration mechanism.
 pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
@@ -54,6 +61,18 @@ impl Default for PciHostBridge {
     }
 }
 
+impl Persist for PciHostBridge {
+    type State = PciConfigurationState;
+
+    fn save(&self) -> PciConfigurationState {
+        self.config.save()
+    }
+
+    fn restore(&mut self, state: &PciConfigurationState) -> Result<(), RestoreError> {
+        self.config.restore(state)
+    }
+}
+
 impl PciDevice for PciHostBridge {
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
         self.config.read_reg(reg_idx)
@@ -78,6 +97,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Bus 0 of PCI segment 0: function 0 of up to 32 devices, device 0 being the host bridge.
 pub struct PciRoot {
     devices: BTreeMap<u8, SharedPciDevice>,
+    /// The same bridge as `devices[0]`, with its concrete type (for its state).
+    host_bridge: Arc<Mutex<PciHostBridge>>,
     bar_handler: Option<Arc<dyn BarMoveHandler>>,
 }
 
@@ -92,10 +113,12 @@ impl std::fmt::Debug for PciRoot {
 impl PciRoot {
     /// A root bus holding only the host bridge. `bar_handler` is told about BAR moves.
     pub fn new(bar_handler: Option<Arc<dyn BarMoveHandler>>) -> Self {
+        let host_bridge = Arc::new(Mutex::new(PciHostBridge::new()));
         let mut devices: BTreeMap<u8, SharedPciDevice> = BTreeMap::new();
-        devices.insert(0, Arc::new(Mutex::new(PciHostBridge::new())));
+        devices.insert(0, host_bridge.clone());
         PciRoot {
             devices,
+            host_bridge,
             bar_handler,
         }
     }
@@ -176,6 +199,30 @@ impl PciRoot {
                 None => log::warn!("pci: BAR {} of {bdf} moved but nobody listens", mv.index),
             }
         }
+    }
+}
+
+/// The saved state of a [`PciRoot`]: its host bridge (the devices in other slots save
+/// themselves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    /// The host bridge's configuration space.
+    pub host_bridge: PciConfigurationState,
+}
+
+impl Persist for PciRoot {
+    type State = PciRootState;
+
+    fn save(&self) -> PciRootState {
+        PciRootState {
+            host_bridge: lock(&self.host_bridge).save(),
+        }
+    }
+
+    fn restore(&mut self, state: &PciRootState) -> Result<(), RestoreError> {
+        lock(&self.host_bridge)
+            .restore(&state.host_bridge)
+            .map_err(|e| e.within("host_bridge"))
     }
 }
 
@@ -263,6 +310,34 @@ impl BusDevice for PciConfigIo {
             }
             _ => {}
         }
+    }
+}
+
+/// The saved state of a [`PciConfigIo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    /// The address register at 0xCF8 (bits 1:0 are always clear).
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    type State = PciConfigIoState;
+
+    fn save(&self) -> PciConfigIoState {
+        PciConfigIoState {
+            address: self.address,
+        }
+    }
+
+    fn restore(&mut self, state: &PciConfigIoState) -> Result<(), RestoreError> {
+        if state.address & 0x3 != 0 {
+            return Err(RestoreError::invalid(
+                "address",
+                format!("{:#010x} has reserved bits 1:0 set", state.address),
+            ));
+        }
+        self.address = state.address;
+        Ok(())
     }
 }
 
@@ -441,6 +516,37 @@ mod tests {
         let mut q = [0u8; 8];
         ecam.read(0, &mut q);
         assert_eq!(q, [0xff; 8]);
+    }
+
+    #[test]
+    fn state_round_trip_of_root_and_config_ports() {
+        let (root, _dev, _) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        // The guest programs the host bridge's command register and leaves an address selected.
+        io.write(0, &0x8000_0004u32.to_le_bytes());
+        io.write(4, &[0x07, 0x00]);
+        io.write(0, &0x8000_0800u32.to_le_bytes());
+
+        let (root2, _dev2, _) = setup();
+        let mut io2 = PciConfigIo::new(root2.clone());
+        crate::persist::assert_round_trip(&io, &mut io2);
+        crate::persist::assert_round_trip(&*root.lock().unwrap(), &mut root2.lock().unwrap());
+        // The selected address carries over: the data port reads device 1's id.
+        let mut d = [0u8; 4];
+        io2.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1042_1af4);
+        assert_eq!(io_read32(&mut io2, 0, 0, 1) & 0xffff, 0x7);
+        assert_eq!(io_read32(&mut io2, 0, 0, 0), 0x0008_1b36);
+
+        assert!(io2
+            .restore(&PciConfigIoState {
+                address: 0x8000_0001
+            })
+            .is_err());
+        let mut bad = root.lock().unwrap().save();
+        bad.host_bridge.registers[0] = 0x1234_5678;
+        let err = root2.lock().unwrap().restore(&bad).unwrap_err();
+        assert!(err.to_string().starts_with("host_bridge: "), "{err}");
     }
 
     #[test]

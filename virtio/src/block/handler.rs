@@ -53,6 +53,11 @@ impl BlockQueueHandler {
         &self.queue
     }
 
+    /// The executor (to flush its disk when the VM is quiesced).
+    pub fn executor_mut(&mut self) -> &mut RequestExecutor {
+        &mut self.executor
+    }
+
     /// Tears the handler down and gives the executor (and so the disk) back.
     pub fn into_executor(self) -> RequestExecutor {
         self.executor

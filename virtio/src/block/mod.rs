@@ -8,17 +8,24 @@
 //!
 //! [`request`] validates and executes a chain, [`handler`] runs a queue; [`Block`] is the
 //! [`VirtioDevice`] that owns the disk while inactive and hands it to a handler on activation.
+//! [`persist`] holds its snapshot state ([`BlockState`]); quiescing flushes the disk.
 
 pub mod handler;
+pub mod persist;
 pub mod request;
 
+use std::io;
+
 use devices::block::DiskImage;
+use devices::persist::RestoreError;
+use virtio_queue::QueueState;
 
 pub use handler::{BlockQueueHandler, HandlerError};
+pub use persist::BlockState;
 pub use request::{BlockLimits, RequestError, RequestExecutor, SECTOR_SIZE};
 
 use crate::device::{
-    feature, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -206,6 +213,31 @@ impl VirtioDevice for Block {
                 log::error!("virtio-blk: processing the queue failed: {e}");
             }
         }
+    }
+
+    fn active_queue_states(&self) -> Vec<(u16, QueueState)> {
+        self.handler
+            .iter()
+            .map(|h| (0, h.queue().state()))
+            .collect()
+    }
+
+    /// Requests complete synchronously, so only the image needs flushing.
+    fn quiesce(&mut self) -> io::Result<()> {
+        let disk = match (self.handler.as_mut(), self.disk.as_mut()) {
+            (Some(h), _) => h.executor_mut().disk_mut(),
+            (None, Some(d)) => d.as_mut(),
+            (None, None) => return Ok(()),
+        };
+        disk.flush().map_err(io::Error::other)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.block_state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        self.check_state(state)
     }
 }
 

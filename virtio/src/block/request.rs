@@ -205,6 +205,11 @@ impl RequestExecutor {
         }
     }
 
+    /// The disk (e.g. to flush it when the VM is quiesced).
+    pub fn disk_mut(&mut self) -> &mut dyn DiskImage {
+        self.disk.as_mut()
+    }
+
     /// Gives the disk back (on reset).
     pub fn into_disk(self) -> Box<dyn DiskImage> {
         self.disk

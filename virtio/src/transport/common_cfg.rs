@@ -14,11 +14,11 @@ use crate::device::{STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 pub(crate) struct CommonConfig {
     pub(crate) device_features: u64,
     pub(crate) driver_features: u64,
-    device_feature_select: u32,
-    driver_feature_select: u32,
+    pub(crate) device_feature_select: u32,
+    pub(crate) driver_feature_select: u32,
     pub(crate) status: u8,
     pub(crate) config_generation: u8,
-    queue_select: u16,
+    pub(crate) queue_select: u16,
     pub(crate) queues: Vec<Queue>,
 }
 

@@ -8,13 +8,20 @@
 //! BAR 0 layout (32 KiB): common config at 0x0000, ISR at 0x1000, device config at 0x2000,
 //! notify at 0x3000 (queue *n* at `0x3000 + 4 * n`, `notify_off_multiplier = 4`), MSI-X table at
 //! 0x4000 and PBA at 0x6000.
+//!
+//! Snapshots: [`VirtioPciDevice`] implements `devices::persist::Persist` with
+//! [`VirtioPciState`], which holds what every virtio device shares (PCI configuration, MSI-X,
+//! feature negotiation, status, queues with their positions, vectors, ISR) plus the device's own
+//! part.
 
 mod common_cfg;
 mod events;
 mod interrupt;
 mod pci;
+mod persist;
 
 pub use pci::VirtioPciDevice;
+pub use persist::{CommonCfgState, VirtioPciState, VirtioQueueState};
 
 /// PCI vendor id of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;

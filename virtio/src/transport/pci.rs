@@ -33,7 +33,7 @@ const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
 const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
 /// Index of the one BAR.
-const BAR_INDEX: u8 = 0;
+pub(super) const BAR_INDEX: u8 = 0;
 
 /// The body of a `virtio_pci_cap` (after id and next pointer), plus `extra` trailing bytes.
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -62,16 +62,16 @@ pub(super) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A virtio device on PCI (modern interface only).
 pub struct VirtioPciDevice {
     pub(super) device: Box<dyn VirtioDevice>,
-    config: PciConfiguration,
-    common: CommonConfig,
-    interrupt: Arc<PciInterrupt>,
-    msix: Arc<Mutex<MsixConfig>>,
-    msix_cap: usize,
-    pci_cfg_cap: usize,
+    pub(super) config: PciConfiguration,
+    pub(super) common: CommonConfig,
+    pub(super) interrupt: Arc<PciInterrupt>,
+    pub(super) msix: Arc<Mutex<MsixConfig>>,
+    pub(super) msix_cap: usize,
+    pub(super) pci_cfg_cap: usize,
     pub(super) queue_evts: Vec<EventFd>,
     pub(super) state_evt: EventFd,
-    mem: GuestMemoryMmap,
-    bar_base: Option<u64>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) bar_base: Option<u64>,
     /// (fd, token) pairs currently registered with the event manager.
     pub(super) registered: Vec<(RawFd, u32)>,
 }
@@ -157,6 +157,10 @@ impl VirtioPciDevice {
             PCI_CAP_ID_VNDR,
             &virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, &[0; 4]),
         )?;
+        // The window's bar, offset and length fields are the guest's (see
+        // `write_config_register`), written with `write_raw`.
+        config.mark_emulated(pci_cfg_cap + 4, 1);
+        config.mark_emulated(pci_cfg_cap + 8, 8);
 
         let device_features = device.avail_features() | feature(VIRTIO_F_VERSION_1);
         let msix = Arc::new(Mutex::new(msix));
@@ -203,6 +207,17 @@ impl VirtioPciDevice {
                 (GuestAddress(bar_base + off), i as u16, evt)
             })
             .collect()
+    }
+
+    /// Signals every ready queue's notification EventFd, as if the driver had notified it:
+    /// after a restore, a notification that arrived while the state was taken is replayed
+    /// (processing a queue with nothing new is harmless).
+    pub fn kick_queues(&self) {
+        for (q, evt) in self.common.queues.iter().zip(&self.queue_evts) {
+            if q.ready() && self.device.is_active() {
+                let _ = evt.write(1);
+            }
+        }
     }
 
     /// The device status register.
@@ -254,7 +269,9 @@ impl VirtioPciDevice {
         self.common.status = new;
     }
 
-    fn activate(&mut self) -> Result<(), crate::ActivateError> {
+    /// Starts the device from the queues as configured in the common configuration (with the
+    /// positions a restore put there): the DRIVER_OK path and the restore path share it.
+    pub(super) fn activate(&mut self) -> Result<(), crate::ActivateError> {
         let acked = self.common.driver_features;
         let mut queues = Vec::new();
         for (i, q) in self.common.queues.iter().enumerate() {
@@ -283,6 +300,12 @@ impl VirtioPciDevice {
         // Tell the event loop to start watching the queues.
         self.state_evt.write(1)?;
         Ok(())
+    }
+
+    /// Completes the device's in-flight work and flushes its backends, before the VM's state is
+    /// taken ([`VirtioDevice::quiesce`]).
+    pub fn quiesce(&mut self) -> io::Result<()> {
+        self.device.quiesce()
     }
 
     fn reset(&mut self) {
