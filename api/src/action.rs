@@ -4,10 +4,15 @@
 //!
 //! The VM's state follows explicit transitions ([`VmState::check`]): an action that is illegal in
 //! the current state gets [`ActionError::InvalidState`] and changes nothing.
+//!
+//! Snapshot and restore use QEMU's migration vocabulary (qapi/migration.json): a snapshot is a
+//! migration to a file, after which the VM stays paused in [`VmState::PostMigrate`]; a VMM
+//! started to receive a state stream waits in [`VmState::Incoming`] until [`VmmAction::Restore`].
 
 use std::fmt;
+use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 
@@ -23,6 +28,12 @@ pub enum VmState {
     Paused,
     /// The VM is going away; no further action is accepted.
     ShuttingDown,
+    /// Waiting for an incoming state stream (`--incoming defer`): there is no VM yet, only
+    /// [`VmmAction::Restore`] builds one. QEMU's `inmigrate`.
+    Incoming,
+    /// Paused after its state was saved by a migration or snapshot; [`VmmAction::Resume`]
+    /// continues it. QEMU's `postmigrate`.
+    PostMigrate,
 }
 
 impl fmt::Display for VmState {
@@ -32,6 +43,8 @@ impl fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::ShuttingDown => "shutting_down",
+            VmState::Incoming => "incoming",
+            VmState::PostMigrate => "post_migrate",
         })
     }
 }
@@ -53,6 +66,30 @@ pub enum VmmAction {
     Reset,
     /// Stop the VM now and exit the VMM process (QMP `quit`).
     Shutdown,
+    /// Save the VM's state to a file (QMP `migrate {"uri": "file:PATH"}`, REST
+    /// `PUT /vm/snapshot`, HMP `migrate`). The VM is paused for it and stays paused afterwards
+    /// ([`VmState::PostMigrate`]).
+    Snapshot {
+        /// The file to write (REST and `vmm ctl` send absolute paths; QMP passes the client's
+        /// path through, relative to the VMM's working directory, as QEMU does).
+        path: PathBuf,
+    },
+    /// Restore the VM from a state file; only while [`VmState::Incoming`] (QMP
+    /// `migrate-incoming`, REST `PUT /vm/restore`, HMP `migrate_incoming`).
+    Restore {
+        /// The file to read.
+        path: PathBuf,
+    },
+    /// The state of the last migration or snapshot (QMP `query-migrate`, REST
+    /// `GET /vm/migration`, HMP `info migrate`); answered with [`VmmResponse::Migration`].
+    QueryMigrate,
+    /// Set migration capabilities (QMP `migrate-set-capabilities`, HMP
+    /// `migrate_set_capability`). The doors have already refused the capabilities this VMM
+    /// does not implement; entries are applied in order (the last one for a capability wins).
+    SetMigrationCapabilities(Vec<MigrationCapabilityState>),
+    /// The migration capabilities and their states (QMP `query-migrate-capabilities`);
+    /// answered with [`VmmResponse::MigrationCapabilities`].
+    GetMigrationCapabilities,
 }
 
 impl VmmAction {
@@ -66,6 +103,11 @@ impl VmmAction {
             VmmAction::PowerButton => "power-button",
             VmmAction::Reset => "reset",
             VmmAction::Shutdown => "shutdown",
+            VmmAction::Snapshot { .. } => "snapshot",
+            VmmAction::Restore { .. } => "restore",
+            VmmAction::QueryMigrate => "query-migrate",
+            VmmAction::SetMigrationCapabilities(_) => "set-migration-capabilities",
+            VmmAction::GetMigrationCapabilities => "get-migration-capabilities",
         }
     }
 }
@@ -117,8 +159,109 @@ impl VersionInfo {
     }
 }
 
+/// Where a migration (here: a snapshot to a file, or a restore from one) stands, with QEMU's
+/// `MigrationStatus` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// No migration has happened yet.
+    #[default]
+    None,
+    /// Started: the VM is being stopped and the file opened.
+    Setup,
+    /// The state is being written (or read).
+    Active,
+    /// Finished.
+    Completed,
+    /// Something went wrong; see [`MigrationInfo::error_desc`].
+    Failed,
+}
+
+impl MigrationStatus {
+    /// QEMU's name (`query-migrate`'s `status`, the MIGRATION event's `status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A migration capability this VMM implements (QEMU's `MigrationCapability` names). The doors
+/// know QEMU's other capabilities and report them as off; setting one of them on is refused
+/// before it reaches the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationCapability {
+    /// Publish a [`VmEvent::Migration`] (QMP `MIGRATION` event) at each status change.
+    Events,
+}
+
+impl MigrationCapability {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationCapability::Events => "events",
+        }
+    }
+}
+
+/// A capability and whether it is on: `{"capability": "events", "state": true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationCapabilityState {
+    /// Which capability.
+    pub capability: MigrationCapability,
+    /// On or off.
+    pub state: bool,
+}
+
+/// What `QueryMigrate` reports, shaped after QEMU's `MigrationInfo`: times in milliseconds,
+/// sizes in bytes. As in QEMU, a member is `None` when it does not apply: everything but
+/// `status` before the first migration; only `status` (and `error_desc`) after a failure or on
+/// the receiving side of a restore; times and `ram` once a snapshot completed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct MigrationInfo {
+    /// Where it stands.
+    pub status: MigrationStatus,
+    /// From the request to the end (QEMU `total-time`).
+    pub total_time_ms: Option<u64>,
+    /// From the request until the state started to be written (QEMU `setup-time`).
+    pub setup_time_ms: Option<u64>,
+    /// How long the guest was stopped for it (QEMU `downtime`).
+    pub downtime_ms: Option<u64>,
+    /// Guest memory statistics (QEMU `ram`).
+    pub ram: Option<RamStats>,
+    /// Why it failed (QEMU `error-desc`).
+    pub error_desc: Option<String>,
+}
+
+/// Guest memory statistics of a migration (QEMU's `MigrationStats`, the members that apply).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct RamStats {
+    /// Bytes written to the stream.
+    pub transferred: u64,
+    /// Bytes still to write (0 once completed).
+    pub remaining: u64,
+    /// Guest memory size in bytes.
+    pub total: u64,
+    /// Zero pages (QEMU `duplicate`): recorded, not written.
+    pub duplicate: u64,
+    /// Pages written in full (QEMU `normal`).
+    pub normal: u64,
+    /// Bytes of those pages (QEMU `normal-bytes`).
+    pub normal_bytes: u64,
+    /// Throughput in megabits per second (QEMU `mbps`).
+    pub mbps: f64,
+    /// Pages written per second (QEMU `pages-per-second`).
+    pub pages_per_second: u64,
+}
+
 /// A successful answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum VmmResponse {
     /// The action was carried out; nothing to return.
     Done,
@@ -126,6 +269,10 @@ pub enum VmmResponse {
     VmInfo(Box<VmInfo>),
     /// Answer to `GetVersion`.
     Version(VersionInfo),
+    /// Answer to `QueryMigrate`.
+    Migration(Box<MigrationInfo>),
+    /// Answer to `GetMigrationCapabilities`: the capabilities this VMM implements.
+    MigrationCapabilities(Vec<MigrationCapabilityState>),
 }
 
 /// Why an action was refused or failed.
@@ -163,15 +310,28 @@ impl VmState {
             state: self,
         };
         match (self, action) {
-            (_, GetVmInfo | GetVersion) => Ok(self),
+            (_, GetVmInfo | GetVersion | QueryMigrate | GetMigrationCapabilities) => Ok(self),
             (ShuttingDown, _) => Err(refuse()),
+            // Capabilities are set before a migration, on either side (libvirt sets `events`
+            // before `migrate-incoming`).
+            (_, SetMigrationCapabilities(_)) => Ok(self),
+            // The VMM sets Paused itself afterwards when it was started with --paused.
+            (Incoming, Restore { .. }) => Ok(Running),
+            (_, Restore { .. }) => Err(refuse()),
+            (Incoming, Shutdown) => Ok(ShuttingDown),
+            // No VM yet.
+            (Incoming, _) => Err(refuse()),
+            (Running | Paused, Snapshot { .. }) => Ok(PostMigrate),
+            // QEMU refuses to migrate a VM paused by a previous migration (its disks may be
+            // in use by the destination now); `cont` first.
+            (Created | PostMigrate, Snapshot { .. }) => Err(refuse()),
             (Running, Pause) => Ok(Paused),
-            (Paused, Resume) => Ok(Running),
-            (Created | Paused, Pause) | (Created | Running, Resume) => Err(refuse()),
+            (Paused | PostMigrate, Resume) => Ok(Running),
+            (Created | Paused | PostMigrate, Pause) | (Created | Running, Resume) => Err(refuse()),
             // A reset restarts the guest and keeps the run state, as QEMU does: a paused VM
-            // comes back paused.
-            (Running | Paused, Reset) => Ok(self),
-            (Running | Paused, PowerButton) => Ok(self),
+            // comes back paused. The power button is pressed even if the guest is stopped; it
+            // sees the event when it runs again (QEMU allows both in `postmigrate` too).
+            (Running | Paused | PostMigrate, Reset | PowerButton) => Ok(self),
             (Created, Reset | PowerButton) => Err(refuse()),
             (_, Shutdown) => Ok(ShuttingDown),
         }
@@ -224,6 +384,9 @@ pub enum VmEvent {
     Reset(ShutdownCause),
     /// The VM shut down; the process is about to exit.
     Shutdown(ShutdownCause),
+    /// A migration (snapshot, restore) changed status. The VMM publishes it only while the
+    /// `events` capability is on; the doors forward it as it comes.
+    Migration(MigrationStatus),
 }
 
 #[cfg(test)]
@@ -262,6 +425,140 @@ mod tests {
             VmState::ShuttingDown.check(&VmmAction::GetVmInfo),
             Ok(VmState::ShuttingDown)
         );
+    }
+
+    fn snapshot() -> VmmAction {
+        VmmAction::Snapshot {
+            path: "/tmp/vm.state".into(),
+        }
+    }
+
+    fn restore() -> VmmAction {
+        VmmAction::Restore {
+            path: "/tmp/vm.state".into(),
+        }
+    }
+
+    #[test]
+    fn snapshot_leaves_the_vm_post_migrate_and_resume_continues_it() {
+        for from in [VmState::Running, VmState::Paused] {
+            assert_eq!(from.check(&snapshot()), Ok(VmState::PostMigrate), "{from}");
+        }
+        for from in [
+            VmState::Created,
+            VmState::Incoming,
+            VmState::PostMigrate,
+            VmState::ShuttingDown,
+        ] {
+            assert_eq!(
+                from.check(&snapshot()),
+                Err(ActionError::InvalidState {
+                    action: "snapshot",
+                    state: from
+                }),
+                "{from}"
+            );
+        }
+        let pm = VmState::PostMigrate;
+        assert_eq!(pm.check(&VmmAction::Resume), Ok(VmState::Running));
+        assert!(pm.check(&VmmAction::Pause).is_err());
+        assert_eq!(pm.check(&VmmAction::Reset), Ok(pm));
+        assert_eq!(pm.check(&VmmAction::PowerButton), Ok(pm));
+        assert_eq!(pm.check(&VmmAction::Shutdown), Ok(VmState::ShuttingDown));
+        assert_eq!(
+            pm.check(&restore()).unwrap_err().to_string(),
+            "cannot restore while the VM is post_migrate"
+        );
+    }
+
+    #[test]
+    fn incoming_accepts_only_restore_queries_capabilities_and_shutdown() {
+        let inc = VmState::Incoming;
+        assert_eq!(inc.check(&restore()), Ok(VmState::Running));
+        let caps = VmmAction::SetMigrationCapabilities(vec![MigrationCapabilityState {
+            capability: MigrationCapability::Events,
+            state: true,
+        }]);
+        for same in [
+            VmmAction::GetVmInfo,
+            VmmAction::GetVersion,
+            VmmAction::QueryMigrate,
+            VmmAction::GetMigrationCapabilities,
+            caps,
+        ] {
+            assert_eq!(inc.check(&same), Ok(inc), "{same:?}");
+        }
+        assert_eq!(inc.check(&VmmAction::Shutdown), Ok(VmState::ShuttingDown));
+        for refused in [
+            VmmAction::Pause,
+            VmmAction::Resume,
+            VmmAction::Reset,
+            VmmAction::PowerButton,
+            snapshot(),
+        ] {
+            assert!(
+                matches!(
+                    inc.check(&refused),
+                    Err(ActionError::InvalidState {
+                        state: VmState::Incoming,
+                        ..
+                    })
+                ),
+                "{refused:?}"
+            );
+        }
+        // Restore is for a VMM that waits for it, nothing else.
+        for from in [
+            VmState::Created,
+            VmState::Running,
+            VmState::Paused,
+            VmState::ShuttingDown,
+        ] {
+            assert!(from.check(&restore()).is_err(), "{from}");
+        }
+    }
+
+    #[test]
+    fn migration_queries_in_every_state_capabilities_until_shutdown() {
+        let set = VmmAction::SetMigrationCapabilities(vec![]);
+        for s in [
+            VmState::Created,
+            VmState::Running,
+            VmState::Paused,
+            VmState::Incoming,
+            VmState::PostMigrate,
+        ] {
+            assert_eq!(s.check(&VmmAction::QueryMigrate), Ok(s));
+            assert_eq!(s.check(&VmmAction::GetMigrationCapabilities), Ok(s));
+            assert_eq!(s.check(&set), Ok(s));
+        }
+        let sd = VmState::ShuttingDown;
+        assert_eq!(sd.check(&VmmAction::QueryMigrate), Ok(sd));
+        assert!(sd.check(&set).is_err());
+    }
+
+    #[test]
+    fn migration_names_match_qemu() {
+        assert_eq!(j(&MigrationStatus::Completed), "\"completed\"");
+        assert_eq!(MigrationStatus::default(), MigrationStatus::None);
+        assert_eq!(MigrationStatus::Active.as_str(), "active");
+        let cap: MigrationCapabilityState =
+            serde_json::from_str(r#"{"capability": "events", "state": true}"#).unwrap();
+        assert_eq!(cap.capability, MigrationCapability::Events);
+        assert!(cap.state);
+        assert_eq!(j(&cap), r#"{"capability":"events","state":true}"#);
+        assert!(serde_json::from_str::<MigrationCapabilityState>(
+            r#"{"capability": "xbzrle", "state": true}"#
+        )
+        .is_err());
+        assert_eq!(j(&VmState::PostMigrate), "\"post_migrate\"");
+        assert_eq!(VmState::Incoming.to_string(), "incoming");
+        assert_eq!(snapshot().name(), "snapshot");
+        assert_eq!(restore().name(), "restore");
+    }
+
+    fn j<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
     }
 
     #[test]

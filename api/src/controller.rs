@@ -6,6 +6,7 @@
 //! subscribes and gets its own receiver plus an EventFd to poll.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -36,17 +37,30 @@ impl std::fmt::Debug for ActionRequest {
     }
 }
 
-/// A door's handle for submitting actions. Cheap to clone.
+/// A door's handle for submitting actions. Cheap to clone; clones share their state.
 #[derive(Clone)]
 pub struct ControllerHandle {
     tx: Sender<ActionRequest>,
     waker: Arc<EventFd>,
+    /// A restore went through one of the doors (QEMU's `migrate-incoming` may run only once).
+    restore_started: Arc<AtomicBool>,
 }
 
 impl ControllerHandle {
     /// Queues `action`; `reply` is called with the result on the VMM thread. If the VMM thread is
     /// gone, `reply` is called at once with [`ActionError::Unavailable`].
     pub fn submit(&self, action: VmmAction, reply: ReplyFn) {
+        let reply: ReplyFn = if matches!(action, VmmAction::Restore { .. }) {
+            let started = Arc::clone(&self.restore_started);
+            Box::new(move |r: Reply| {
+                if r.is_ok() {
+                    started.store(true, Ordering::SeqCst);
+                }
+                reply(r)
+            })
+        } else {
+            reply
+        };
         match self.tx.send(ActionRequest { action, reply }) {
             // A failed write means the counter is saturated: the inbox is readable anyway.
             Ok(()) => {
@@ -54,6 +68,13 @@ impl ControllerHandle {
             }
             Err(mpsc::SendError(req)) => (req.reply)(Err(ActionError::Unavailable)),
         }
+    }
+
+    /// Whether a [`VmmAction::Restore`] submitted through this handle (or a clone) succeeded:
+    /// QMP then answers a second `migrate-incoming` the way QEMU does ("already started")
+    /// rather than "'-incoming' was not specified".
+    pub fn restore_started(&self) -> bool {
+        self.restore_started.load(Ordering::SeqCst)
     }
 }
 
@@ -90,6 +111,7 @@ pub fn action_channel() -> io::Result<(ControllerHandle, ControllerInbox)> {
         ControllerHandle {
             tx,
             waker: waker.clone(),
+            restore_started: Arc::new(AtomicBool::new(false)),
         },
         ControllerInbox { rx, waker },
     ))
@@ -212,6 +234,31 @@ mod tests {
             }),
         );
         assert_eq!(rx.recv().unwrap(), Err(ActionError::Unavailable));
+    }
+
+    #[test]
+    fn a_successful_restore_is_remembered_by_every_clone() {
+        let (handle, inbox) = action_channel().unwrap();
+        let other = handle.clone();
+        let restore = || VmmAction::Restore {
+            path: "/tmp/x".into(),
+        };
+        handle.submit(restore(), Box::new(|_| {}));
+        handle.submit(VmmAction::Resume, Box::new(|_| {}));
+        for r in inbox.drain() {
+            (r.reply)(Err(ActionError::Unavailable));
+        }
+        assert!(!other.restore_started(), "a failed restore does not count");
+        handle.submit(VmmAction::Resume, Box::new(|_| {}));
+        for r in inbox.drain() {
+            (r.reply)(Ok(VmmResponse::Done));
+        }
+        assert!(!other.restore_started(), "only a restore counts");
+        handle.submit(restore(), Box::new(|_| {}));
+        for r in inbox.drain() {
+            (r.reply)(Ok(VmmResponse::Done));
+        }
+        assert!(other.restore_started());
     }
 
     #[test]

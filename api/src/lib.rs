@@ -13,7 +13,8 @@ pub mod qmp;
 pub mod server;
 
 pub use action::{
-    ActionError, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction,
+    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus,
+    RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction,
     VmmResponse,
 };
 pub use config::{

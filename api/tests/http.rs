@@ -10,7 +10,7 @@ use std::time::Duration;
 use api::controller::action_channel;
 use api::http::ApiServer;
 use api::server::{Limits, ServerError};
-use api::VmState;
+use api::{VmState, VmmAction};
 use common::{tmpdir, FakeVmm, Http};
 use serde_json::json;
 
@@ -229,4 +229,110 @@ fn binding_errors() {
     assert!(matches!(e, ServerError::BadUnixPath { .. }), "{e}");
     drop(s);
     assert!(!sock.exists());
+}
+
+#[test]
+fn snapshot_and_migration_info() {
+    let (vmm, server, sock) = start("snap", Limits::http());
+    let dir = sock.parent().unwrap().to_path_buf();
+    let mut c = Http::connect(&sock);
+    let r = c.request("GET", "/vm/migration");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"status": "none", "total_time_ms": null, "setup_time_ms": null,
+               "downtime_ms": null, "ram": null, "error_desc": null})
+    );
+
+    // Body validation: nothing reaches the VMM.
+    let bad = [
+        "",
+        "{}",
+        r#"{"path": 5}"#,
+        r#"{"path": "relative/vm.state"}"#,
+        r#"{"path": "/x", "live": true}"#,
+        "[]",
+        "{",
+    ];
+    for body in bad {
+        let r = c.request_body("PUT", "/vm/snapshot", body);
+        assert_eq!(r.status, 400, "{body:?}");
+        assert!(r.json()["error"].is_string());
+    }
+    assert!(vmm
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| !matches!(a, VmmAction::Snapshot { .. })));
+
+    let file = dir.join("vm.state");
+    let body = json!({ "path": file }).to_string();
+    assert_eq!(c.request_body("PUT", "/vm/snapshot", &body).status, 204);
+    assert_eq!(std::fs::read(&file).unwrap(), common::FAKE_STATE);
+    assert_eq!(vmm.state(), VmState::PostMigrate);
+    assert_eq!(c.request("GET", "/vm").json()["state"], "post_migrate");
+    let info = c.request("GET", "/vm/migration").json();
+    assert_eq!(info["status"], "completed");
+    assert_eq!(info["total_time_ms"], 12);
+    assert_eq!(info["ram"]["transferred"], common::FAKE_STATE.len());
+    assert_eq!(info["ram"]["mbps"], 1.25);
+
+    // Paused by the snapshot: another one or a restore is a conflict; resume continues.
+    let r = c.request_body("PUT", "/vm/snapshot", &body);
+    assert_eq!(r.status, 409);
+    assert_eq!(
+        r.json()["error"],
+        "cannot snapshot while the VM is post_migrate"
+    );
+    assert_eq!(c.request_body("PUT", "/vm/restore", &body).status, 409);
+    assert_eq!(c.request("PUT", "/vm/pause").status, 409);
+    assert_eq!(c.request("PUT", "/vm/resume").status, 204);
+    assert_eq!(vmm.state(), VmState::Running);
+
+    // A file the VMM cannot write: 500 with the reason, and the failure is reported.
+    let body = json!({ "path": dir.join("no/such/dir/x") }).to_string();
+    let r = c.request_body("PUT", "/vm/snapshot", &body);
+    assert_eq!(r.status, 500);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("snapshot failed: cannot write"));
+    let info = c.request("GET", "/vm/migration").json();
+    assert_eq!(info["status"], "failed");
+    assert!(info["error_desc"].is_string());
+    assert_eq!(c.request("POST", "/vm/migration").status, 405);
+    assert_eq!(
+        c.request("GET", "/vm/snapshot").header("allow"),
+        Some("PUT")
+    );
+    drop(server);
+}
+
+#[test]
+fn restore_into_a_waiting_vmm() {
+    let sock = tmpdir("restore").join("api.sock");
+    let dir = sock.parent().unwrap().to_path_buf();
+    let (vmm, handle) = FakeVmm::start_in(VmState::Incoming);
+    let server = ApiServer::start(&sock, handle).unwrap();
+    let mut c = Http::connect(&sock);
+    assert_eq!(c.request("GET", "/vm").json()["state"], "incoming");
+    assert_eq!(c.request("PUT", "/vm/resume").status, 409);
+    let file = dir.join("vm.state");
+    let body = json!({ "path": file }).to_string();
+    assert_eq!(c.request_body("PUT", "/vm/snapshot", &body).status, 409);
+    // No file yet: the VMM fails and keeps waiting.
+    let r = c.request_body("PUT", "/vm/restore", &body);
+    assert_eq!(r.status, 500);
+    assert_eq!(vmm.state(), VmState::Incoming);
+    assert_eq!(c.request_body("PUT", "/vm/restore", "{}").status, 400);
+    std::fs::write(&file, common::FAKE_STATE).unwrap();
+    assert_eq!(c.request_body("PUT", "/vm/restore", &body).status, 204);
+    assert_eq!(vmm.state(), VmState::Running);
+    assert_eq!(
+        c.request("GET", "/vm/migration").json()["status"],
+        "completed"
+    );
+    assert_eq!(c.request_body("PUT", "/vm/restore", &body).status, 409);
+    drop(server);
 }

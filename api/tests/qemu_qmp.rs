@@ -15,7 +15,7 @@ const SCRIPT: &str = r#"
 import asyncio, sys
 from qemu.qmp import QMPClient, ExecuteError
 
-async def main(host, port):
+async def main(host, port, state_file):
     qmp = QMPClient('api-test')
     await qmp.connect((host, port))
     v = qmp.greeting.QMP.version['qemu']
@@ -51,6 +51,24 @@ async def main(host, port):
         await qmp.execute('system_powerdown')
         ev = await asyncio.wait_for(events.get(), 5)
         assert ev['event'] == 'POWERDOWN', ev
+        assert await qmp.execute('query-migrate') == {}
+        await qmp.execute('migrate-set-capabilities',
+                          {'capabilities': [{'capability': 'events', 'state': True}]})
+        assert await qmp.execute('migrate', {'uri': 'file:' + state_file}) == {}
+        seen = [(await asyncio.wait_for(events.get(), 5)) for _ in range(4)]
+        assert [e['event'] for e in seen] == ['STOP'] + ['MIGRATION'] * 3, seen
+        assert [e['data']['status'] for e in seen[1:]] == ['setup', 'active', 'completed'], seen
+        info = await qmp.execute('query-migrate')
+        assert info['status'] == 'completed' and info['ram']['remaining'] == 0, info
+        assert (await qmp.execute('query-status'))['status'] == 'postmigrate'
+        try:
+            await qmp.execute('migrate', {'uri': 'tcp:127.0.0.1:1'})
+            raise AssertionError('no error')
+        except ExecuteError as e:
+            assert 'not supported yet' in str(e), e
+        await qmp.execute('cont')
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['event'] == 'RESUME', ev
         print('READY', flush=True)
         ev = await asyncio.wait_for(events.get(), 10)
         assert ev['event'] == 'SHUTDOWN', ev
@@ -61,7 +79,7 @@ async def main(host, port):
         pass  # the server closed after SHUTDOWN, as QEMU does when it exits
     print('OK', flush=True)
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 "#;
 
 #[test]
@@ -83,12 +101,14 @@ fn qemu_qmp_library_drives_the_lifecycle() {
     )
     .unwrap();
     let addr = server.tcp_addrs()[0];
+    let state_file = common::tmpdir("qemu-qmp").join("vm.state");
     let mut child = Command::new("python3")
         .args([
             "-c",
             SCRIPT,
             &addr.ip().to_string(),
             &addr.port().to_string(),
+            state_file.to_str().unwrap(),
         ])
         .stdout(Stdio::piped())
         .spawn()

@@ -360,3 +360,247 @@ fn vmm_gone_is_an_error_not_a_hang() {
     alive(&mut c);
     server.shutdown();
 }
+
+fn start_in(name: &str, state: VmState) -> (FakeVmm, QmpServer, std::path::PathBuf) {
+    let dir = tmpdir(name);
+    let sock = dir.join("qmp.sock");
+    let (vmm, handle) = FakeVmm::start_in(state);
+    let server =
+        QmpServer::start(&[QmpEndpoint::Unix(sock.clone())], handle, vmm.events()).unwrap();
+    (vmm, server, dir)
+}
+
+fn hmp(c: &mut Qmp, line: &str) -> String {
+    let r = c.cmd(&json!({"execute": "human-monitor-command",
+                          "arguments": {"command-line": line}}));
+    r["return"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
+}
+
+#[test]
+fn snapshot_to_a_file_over_qmp() {
+    let (vmm, _server, dir) = start_in("snapshot", VmState::Running);
+    let mut c = Qmp::unix(&dir.join("qmp.sock")).greeted(true);
+    let file = dir.join("vm.state");
+    let uri = format!("file:{}", file.display());
+
+    assert_eq!(
+        c.cmd(&json!({"execute": "query-migrate"})),
+        json!({"return": {}})
+    );
+    let caps = c.cmd(&json!({"execute": "query-migrate-capabilities"}));
+    let caps = caps["return"].as_array().unwrap();
+    assert_eq!(caps.len(), 22);
+    assert!(caps.contains(&json!({"capability": "events", "state": false})));
+    let r = c.cmd(
+        &json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [
+        {"capability": "events", "state": true}, {"capability": "zero-blocks", "state": false}]}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let caps = c.cmd(&json!({"execute": "query-migrate-capabilities"}));
+    assert!(caps["return"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"capability": "events", "state": true})));
+    assert_eq!(
+        hmp(&mut c, "info migrate_capabilities")
+            .lines()
+            .find(|l| l.starts_with("events:")),
+        Some("events: on")
+    );
+
+    // Unsupported transports, before anything happens.
+    for bad in [
+        "tcp:127.0.0.1:4444",
+        "unix:/tmp/x.sock",
+        "exec:cat",
+        "fd:3",
+        "rdma:h:1",
+    ] {
+        let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": bad}}));
+        assert_eq!(r["error"]["class"], "GenericError");
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("not supported yet"),
+            "{r}"
+        );
+    }
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": "gopher:x"}}));
+    assert_eq!(r["error"]["desc"], "unknown migration protocol: gopher:x");
+    assert_eq!(vmm.state(), VmState::Running);
+
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}, "id": "m"}));
+    assert_eq!(r, json!({"return": {}, "id": "m"}));
+    assert_eq!(std::fs::read(&file).unwrap(), common::FAKE_STATE);
+    c.event("STOP");
+    let statuses: Vec<String> = (0..3)
+        .map(|_| {
+            c.event("MIGRATION")["data"]["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(statuses, ["setup", "active", "completed"]);
+
+    let st = c.cmd(&json!({"execute": "query-status"}));
+    assert_eq!(
+        st["return"],
+        json!({"running": false, "singlestep": false, "status": "postmigrate"})
+    );
+    let info = c.cmd(&json!({"execute": "query-migrate"}))["return"].clone();
+    assert_eq!(info["status"], "completed");
+    assert_eq!(info["total-time"], 12);
+    assert_eq!(info["downtime"], 11);
+    assert_eq!(info["ram"]["transferred"], common::FAKE_STATE.len());
+    assert_eq!(info["ram"]["remaining"], 0);
+    assert_eq!(info["ram"]["page-size"], 4096);
+    assert!(info.get("error-desc").is_none());
+    let text = hmp(&mut c, "info migrate");
+    assert!(
+        text.starts_with(
+            "Status: \t\tcompleted\r\nTime (ms): \t\ttotal=12, setup=1, down=11\r\nRAM info:\r\n"
+        ),
+        "{text:?}"
+    );
+    assert_eq!(
+        hmp(&mut c, "info status"),
+        "VM status: paused (postmigrate)\r\n"
+    );
+
+    // Paused by the migration: `stop` is a no-op, a second migrate is refused as in QEMU.
+    assert_eq!(c.cmd(&json!({"execute": "stop"})), json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": uri}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "'-incoming' was not specified on the command line"
+    );
+    // Also with arguments QEMU would refuse anyway: the run state comes first.
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:0:1"}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "'-incoming' was not specified on the command line"
+    );
+    assert_eq!(c.cmd(&json!({"execute": "cont"})), json!({"return": {}}));
+    c.event("RESUME");
+    assert_eq!(vmm.state(), VmState::Running);
+
+    // HMP: a failing write is reported, and query-migrate shows the failure.
+    c.events.clear();
+    let out = hmp(
+        &mut c,
+        &format!("migrate -d file:{}", dir.join("no/such/dir").display()),
+    );
+    assert!(
+        out.starts_with("Error: snapshot failed: cannot write"),
+        "{out:?}"
+    );
+    assert_eq!(
+        vmm.state(),
+        VmState::Running,
+        "a failed snapshot changes nothing"
+    );
+    let info = c.cmd(&json!({"execute": "query-migrate"}))["return"].clone();
+    assert_eq!(info["status"], "failed");
+    assert!(info["error-desc"]
+        .as_str()
+        .unwrap()
+        .contains("cannot write"));
+    assert!(hmp(&mut c, "info migrate").starts_with("Status: \t\tfailed (cannot write"));
+    assert_eq!(
+        hmp(&mut c, "migrate file:/x,offset=0x10").lines().count(),
+        1
+    );
+    c.event("RESUME");
+    assert_eq!(c.event("MIGRATION")["data"]["status"], "setup");
+    assert_eq!(hmp(&mut c, "migrate_set_capability events off"), "");
+    c.events.clear();
+    assert_eq!(hmp(&mut c, &format!("migrate {uri}")), "");
+    assert_eq!(vmm.state(), VmState::PostMigrate);
+    // The events capability is off now: no MIGRATION event for that one.
+    let st = c.cmd(&json!({"execute": "query-status"}));
+    assert_eq!(st["return"]["status"], "postmigrate");
+    assert!(
+        c.events.iter().all(|e| e["event"] != "MIGRATION"),
+        "{:?}",
+        c.events
+    );
+}
+
+#[test]
+fn restore_into_a_waiting_vmm_over_qmp() {
+    let (vmm, _server, dir) = start_in("restore", VmState::Incoming);
+    let mut c = Qmp::unix(&dir.join("qmp.sock")).greeted(true);
+    let file = dir.join("vm.state");
+    std::fs::write(&file, common::FAKE_STATE).unwrap();
+    let uri = format!("file:{}", file.display());
+
+    let st = c.cmd(&json!({"execute": "query-status"}));
+    assert_eq!(
+        st["return"],
+        json!({"running": false, "singlestep": false, "status": "inmigrate"})
+    );
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "Guest is waiting for an incoming migration"
+    );
+    let r = c.cmd(&json!({"execute": "system_reset"}));
+    assert_eq!(r["error"]["desc"], "cannot reset while the VM is incoming");
+    // Argument errors, now that the run state is right.
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:0:4446"}}));
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("'tcp:' migration transport is not supported yet"));
+    let r = c.cmd(&json!({"execute": "migrate-incoming",
+                          "arguments": {"channels": [{"channel-type": "main"}]}}));
+    assert_eq!(r["error"]["desc"], "channels are not supported; use 'uri'");
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "need either 'uri' or 'channels' argument"
+    );
+    // A missing file fails, and the VMM still waits.
+    let missing = format!("file:{}", dir.join("missing").display());
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": missing}}));
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .starts_with("restore failed: cannot read"));
+    assert_eq!(vmm.state(), VmState::Incoming);
+
+    let r = c.cmd(&json!({"execute": "migrate-set-capabilities",
+        "arguments": {"capabilities": [{"capability": "events", "state": true}]}}));
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "migrate-incoming",
+                          "arguments": {"uri": uri, "exit-on-error": false}, "id": 5}));
+    assert_eq!(r, json!({"return": {}, "id": 5}));
+    let last = (0..3).map(|_| c.event("MIGRATION")).last().unwrap();
+    assert_eq!(last["data"], json!({"status": "completed"}));
+    c.event("RESUME");
+    assert_eq!(vmm.state(), VmState::Running);
+    assert_eq!(
+        c.cmd(&json!({"execute": "query-migrate"}))["return"],
+        json!({"status": "completed"})
+    );
+    // Only once, as in QEMU.
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": uri}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "The incoming migration has already been started"
+    );
+    assert_eq!(
+        hmp(&mut c, &format!("migrate_incoming {uri}")),
+        "Error: The incoming migration has already been started\r\n"
+    );
+}

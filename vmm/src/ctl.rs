@@ -1,9 +1,11 @@
 //! `vmm ctl`: a client for people, over the REST API socket of a running VMM.
 //!
-//! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version` sends one
-//! HTTP/1.1 request (`Connection: close`), reads the response with `httparse`, prints the JSON
-//! of `info`/`version` indented, and turns every failure into one clear line and a non-zero
-//! exit status.
+//! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration`
+//! and `vmm ctl --api-socket PATH snapshot|restore FILE` send one HTTP/1.1 request
+//! (`Connection: close`), read the response with `httparse`, print the JSON of
+//! `info`/`version`/`migration` indented, and turn every failure into one clear line and a
+//! non-zero exit status. FILE is made absolute against the current directory first: the VMM's
+//! working directory is not ours.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -25,12 +27,12 @@ pub struct CtlArgs {
     pub api_socket: PathBuf,
 
     /// What to do.
-    #[arg(value_enum)]
+    #[command(subcommand)]
     pub command: CtlCommand,
 }
 
 /// A `vmm ctl` command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum CtlCommand {
     /// Stop the vCPUs.
     Pause,
@@ -46,11 +48,25 @@ pub enum CtlCommand {
     Info,
     /// Show the VMM's version.
     Version,
+    /// Save the VM's state to FILE; the VM stays paused afterwards (`resume` continues it).
+    Snapshot {
+        /// The state file to write (created or truncated).
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+    },
+    /// Restore the VM from FILE, into a VMM started to wait for it (`--incoming defer`).
+    Restore {
+        /// The state file written by `snapshot`.
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+    },
+    /// Show the status and statistics of the last snapshot or restore.
+    Migration,
 }
 
 impl CtlCommand {
     /// The HTTP method and path of the command.
-    pub fn route(self) -> (&'static str, &'static str) {
+    pub fn route(&self) -> (&'static str, &'static str) {
         match self {
             CtlCommand::Pause => ("PUT", "/vm/pause"),
             CtlCommand::Resume => ("PUT", "/vm/resume"),
@@ -59,7 +75,51 @@ impl CtlCommand {
             CtlCommand::Shutdown => ("PUT", "/vm/shutdown"),
             CtlCommand::Info => ("GET", "/vm"),
             CtlCommand::Version => ("GET", "/version"),
+            CtlCommand::Snapshot { .. } => ("PUT", "/vm/snapshot"),
+            CtlCommand::Restore { .. } => ("PUT", "/vm/restore"),
+            CtlCommand::Migration => ("GET", "/vm/migration"),
         }
+    }
+
+    /// The request body: the state file of `snapshot` and `restore`, made absolute against
+    /// the current directory.
+    pub fn body(&self) -> Result<Option<String>, CtlError> {
+        match self {
+            CtlCommand::Snapshot { path } | CtlCommand::Restore { path } => {
+                let path = absolute(path)?;
+                let Some(text) = path.to_str() else {
+                    return Err(CtlError::BadPath {
+                        path,
+                        reason: "not valid UTF-8 (the API takes JSON strings)".into(),
+                    });
+                };
+                Ok(Some(serde_json::json!({ "path": text }).to_string()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `path` as an absolute path: relative paths are taken from the current directory, whose
+/// real path (symlinks resolved) is used when the parent directory exists. The file itself need
+/// not exist (a snapshot creates it).
+fn absolute(path: &Path) -> Result<PathBuf, CtlError> {
+    let bad = |reason: String| CtlError::BadPath {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some(name) = path.file_name() else {
+        return Err(bad("names no file".into()));
+    };
+    let joined = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+    let parent = match joined.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => return Ok(joined),
+    };
+    match parent.canonicalize() {
+        Ok(dir) => Ok(dir.join(name)),
+        // Let the VMM report a missing directory, with the path the user meant.
+        Err(_) => Ok(joined),
     }
 }
 
@@ -86,6 +146,14 @@ pub enum CtlError {
     /// The answer is not HTTP as we know it.
     #[error("malformed response from the VMM: {0}")]
     BadResponse(String),
+    /// A state file path that cannot be sent.
+    #[error("{}: {reason}", path.display())]
+    BadPath {
+        /// The path as given.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The VMM refused or failed: its message and the status.
     #[error("{message} (HTTP {status})")]
     Http {
@@ -105,8 +173,13 @@ pub struct CtlResponse {
     pub body: Vec<u8>,
 }
 
-/// Sends one request to the API socket and reads the response.
-pub fn request(socket: &Path, method: &str, path: &str) -> Result<CtlResponse, CtlError> {
+/// Sends one request (with an optional JSON body) to the API socket and reads the response.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<CtlResponse, CtlError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => CtlError::NoSocket(socket.to_path_buf()),
         std::io::ErrorKind::ConnectionRefused => CtlError::Refused(socket.to_path_buf()),
@@ -117,9 +190,16 @@ pub fn request(socket: &Path, method: &str, path: &str) -> Result<CtlResponse, C
     })?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
+    let body = body.unwrap_or_default();
+    let content_type = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+         {content_type}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(req.as_bytes())?;
     let mut buf = Vec::new();
@@ -182,9 +262,10 @@ fn parse_response(buf: &[u8]) -> Result<Option<CtlResponse>, CtlError> {
 }
 
 /// Runs `cmd` against `socket`: the text to print on success (empty for actions).
-pub fn execute(socket: &Path, cmd: CtlCommand) -> Result<String, CtlError> {
+pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
     let (method, path) = cmd.route();
-    let resp = request(socket, method, path)?;
+    let body = cmd.body()?;
+    let resp = request(socket, method, path, body.as_deref())?;
     let json: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
     if !(200..300).contains(&resp.status) {
         let message = json
@@ -206,7 +287,7 @@ pub fn execute(socket: &Path, cmd: CtlCommand) -> Result<String, CtlError> {
 
 /// `vmm ctl`'s main: prints the result, or one error line, and gives the exit status.
 pub fn main(args: &CtlArgs) -> ExitCode {
-    match execute(&args.api_socket, args.command) {
+    match execute(&args.api_socket, &args.command) {
         Ok(text) => {
             if !text.is_empty() {
                 println!("{text}");
@@ -225,7 +306,10 @@ mod tests {
     use super::*;
     use api::controller::action_channel;
     use api::http::ApiServer;
-    use api::{VersionInfo, VmConfig, VmInfo, VmState, VmmAction, VmmResponse};
+    use api::{
+        MigrationInfo, MigrationStatus, VersionInfo, VmConfig, VmInfo, VmState, VmmAction,
+        VmmResponse,
+    };
     use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -244,8 +328,11 @@ mod tests {
         let server = ApiServer::start(&sock, handle).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let paths = Arc::new(std::sync::Mutex::new(Vec::<PathBuf>::new()));
+        let seen_paths = paths.clone();
         let vmm = std::thread::spawn(move || {
             let mut state = VmState::Running;
+            let mut last = MigrationInfo::default();
             while !s.load(Ordering::Relaxed) {
                 let mut pfd = libc::pollfd {
                     fd: inbox.waker().as_raw_fd(),
@@ -264,6 +351,14 @@ mod tests {
                                 vcpus: vec![],
                             })),
                             VmmAction::GetVersion => VmmResponse::Version(VersionInfo::current()),
+                            VmmAction::Snapshot { ref path } | VmmAction::Restore { ref path } => {
+                                seen_paths.lock().unwrap().push(path.clone());
+                                last.status = MigrationStatus::Completed;
+                                VmmResponse::Done
+                            }
+                            VmmAction::QueryMigrate => {
+                                VmmResponse::Migration(Box::new(last.clone()))
+                            }
                             _ => VmmResponse::Done,
                         }
                     });
@@ -271,28 +366,68 @@ mod tests {
                 }
             }
         });
-        let info = execute(&sock, CtlCommand::Info).unwrap();
+        let info = execute(&sock, &CtlCommand::Info).unwrap();
         assert!(info.contains("\"state\": \"running\""), "{info}");
         assert!(info.contains('\n'), "pretty-printed");
-        let v = execute(&sock, CtlCommand::Version).unwrap();
+        let v = execute(&sock, &CtlCommand::Version).unwrap();
         assert!(v.contains(env!("CARGO_PKG_VERSION")));
-        assert_eq!(execute(&sock, CtlCommand::Pause).unwrap(), "");
-        let e = execute(&sock, CtlCommand::Pause).unwrap_err();
+        assert_eq!(execute(&sock, &CtlCommand::Pause).unwrap(), "");
+        let e = execute(&sock, &CtlCommand::Pause).unwrap_err();
         assert_eq!(
             e.to_string(),
             "cannot pause while the VM is paused (HTTP 409)"
         );
-        assert_eq!(execute(&sock, CtlCommand::Resume).unwrap(), "");
-        assert_eq!(execute(&sock, CtlCommand::PowerButton).unwrap(), "");
-        assert_eq!(execute(&sock, CtlCommand::Reset).unwrap(), "");
-        assert_eq!(execute(&sock, CtlCommand::Shutdown).unwrap(), "");
+        assert_eq!(execute(&sock, &CtlCommand::Resume).unwrap(), "");
+        assert_eq!(execute(&sock, &CtlCommand::PowerButton).unwrap(), "");
+        assert_eq!(execute(&sock, &CtlCommand::Reset).unwrap(), "");
+        let m = execute(&sock, &CtlCommand::Migration).unwrap();
+        assert!(m.contains("\"status\": \"none\""), "{m}");
+        let file = sock.parent().unwrap().join("vm.state");
+        let snap = CtlCommand::Snapshot { path: file.clone() };
+        assert_eq!(execute(&sock, &snap).unwrap(), "");
+        let m = execute(&sock, &CtlCommand::Migration).unwrap();
+        assert!(m.contains("\"status\": \"completed\""), "{m}");
+        let info = execute(&sock, &CtlCommand::Info).unwrap();
+        assert!(info.contains("\"state\": \"post_migrate\""), "{info}");
+        let e = execute(&sock, &snap).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot snapshot while the VM is post_migrate (HTTP 409)"
+        );
+        let e = execute(&sock, &CtlCommand::Restore { path: file.clone() }).unwrap_err();
+        assert!(matches!(e, CtlError::Http { status: 409, .. }), "{e}");
+        assert_eq!(execute(&sock, &CtlCommand::Resume).unwrap(), "");
+        // A relative path reaches the VMM absolute.
+        let rel = CtlCommand::Snapshot {
+            path: "vm-rel.state".into(),
+        };
+        assert_eq!(execute(&sock, &rel).unwrap(), "");
+        let got = paths.lock().unwrap().clone();
+        assert_eq!(
+            got[0],
+            file.parent()
+                .unwrap()
+                .canonicalize()
+                .unwrap()
+                .join("vm.state")
+        );
+        assert_eq!(
+            got[1],
+            std::env::current_dir()
+                .unwrap()
+                .canonicalize()
+                .unwrap()
+                .join("vm-rel.state")
+        );
+        assert_eq!(execute(&sock, &CtlCommand::Resume).unwrap(), "");
+        assert_eq!(execute(&sock, &CtlCommand::Shutdown).unwrap(), "");
         stop.store(true, Ordering::Relaxed);
         vmm.join().unwrap();
         // The VMM thread is gone: the server answers 503.
-        let e = execute(&sock, CtlCommand::Info).unwrap_err();
+        let e = execute(&sock, &CtlCommand::Info).unwrap_err();
         assert!(matches!(e, CtlError::Http { status: 503, .. }), "{e}");
         server.shutdown();
-        let e = execute(&sock, CtlCommand::Info).unwrap_err();
+        let e = execute(&sock, &CtlCommand::Info).unwrap_err();
         assert!(matches!(e, CtlError::NoSocket(_)), "{e}");
         assert!(e.to_string().contains("--api-socket"));
     }
@@ -301,7 +436,7 @@ mod tests {
     fn stale_socket_is_connection_refused() {
         let sock = tmp("stale").join("api.sock");
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
-        let e = execute(&sock, CtlCommand::Pause).unwrap_err();
+        let e = execute(&sock, &CtlCommand::Pause).unwrap_err();
         assert!(matches!(e, CtlError::Refused(_)), "{e}");
     }
 
@@ -324,11 +459,10 @@ mod tests {
 
     #[test]
     fn command_names_are_kebab_case() {
-        use clap::ValueEnum;
-        let names: Vec<String> = CtlCommand::value_variants()
-            .iter()
-            .filter_map(|c| c.to_possible_value().map(|p| p.get_name().to_string()))
-            .collect();
+        use clap::CommandFactory;
+        let cmd = crate::cli::Cli::command();
+        let ctl = cmd.find_subcommand("ctl").unwrap();
+        let names: Vec<&str> = ctl.get_subcommands().map(|c| c.get_name()).collect();
         assert_eq!(
             names,
             [
@@ -338,9 +472,48 @@ mod tests {
                 "reset",
                 "shutdown",
                 "info",
-                "version"
+                "version",
+                "snapshot",
+                "restore",
+                "migration"
             ]
         );
+        for c in ctl.get_subcommands() {
+            assert!(c.get_about().is_some(), "{} has help", c.get_name());
+        }
+    }
+
+    #[test]
+    fn state_file_paths_are_made_absolute() {
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(absolute(Path::new("x.state")).unwrap(), cwd.join("x.state"));
+        let dir = tmp("abs");
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let real = dir.canonicalize().unwrap();
+        assert_eq!(
+            absolute(&dir.join("sub/../y.state")).unwrap_or_default(),
+            real.join("y.state")
+        );
+        // A missing directory is left for the VMM to report.
+        let missing = dir.join("no/such/z.state");
+        assert_eq!(absolute(&missing).unwrap(), missing);
+        assert!(matches!(
+            absolute(Path::new("/")),
+            Err(CtlError::BadPath { .. })
+        ));
+        assert!(matches!(
+            absolute(Path::new("a/..")),
+            Err(CtlError::BadPath { .. })
+        ));
+        let body = CtlCommand::Restore {
+            path: "r.state".into(),
+        }
+        .body()
+        .unwrap()
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["path"], cwd.join("r.state").to_str().unwrap());
+        assert_eq!(CtlCommand::Info.body().unwrap(), None);
     }
 }
 
@@ -365,5 +538,26 @@ mod cli_tests {
                 .is_err()
         );
         assert!(Cli::try_parse_from(["vmm", "ctl", "--api-socket", "x", "frob"]).is_err());
+        let cli = Cli::try_parse_from([
+            "vmm",
+            "ctl",
+            "--api-socket",
+            "/run/a.sock",
+            "snapshot",
+            "/tmp/vm.state",
+        ])
+        .unwrap();
+        let Some(Command::Ctl(args)) = cli.command else {
+            panic!("no ctl")
+        };
+        assert_eq!(
+            args.command,
+            super::CtlCommand::Snapshot {
+                path: "/tmp/vm.state".into()
+            }
+        );
+        assert!(Cli::try_parse_from(["vmm", "ctl", "--api-socket", "x", "snapshot"]).is_err());
+        assert!(Cli::try_parse_from(["vmm", "ctl", "--api-socket", "x", "restore"]).is_err());
+        assert!(Cli::try_parse_from(["vmm", "ctl", "--api-socket", "x", "info", "extra"]).is_err());
     }
 }

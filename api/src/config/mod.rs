@@ -310,6 +310,10 @@ pub enum ConfigError {
     },
 }
 
+/// The ids of the platform devices (the serial port, the i8042, the RTC, the ACPI blocks, the
+/// PCI root): a user's device may not take one of them.
+pub const RESERVED_DEVICE_IDS: &[&str] = &["com1", "i8042", "rtc", "acpi-pm", "ged", "pci-root"];
+
 impl VmConfig {
     /// Parses a JSON document. `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
@@ -339,6 +343,21 @@ impl VmConfig {
     /// `host_memory_mib` is the host's physical memory (None when unknown); a guest larger than
     /// that is refused here rather than failing later with an opaque mmap error.
     pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        self.validate_inner(host_memory_mib, true)
+    }
+
+    /// Like [`VmConfig::validate`] for a configuration that came with a saved VM state: the
+    /// kernel and initrd are already in the saved memory, so their files need not exist (they
+    /// are read again only if the restored guest reboots).
+    pub fn validate_restored(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        self.validate_inner(host_memory_mib, false)
+    }
+
+    fn validate_inner(
+        &self,
+        host_memory_mib: Option<u64>,
+        check_boot_files: bool,
+    ) -> Result<(), ConfigError> {
         let m = &self.machine;
         if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
             return Err(ConfigError::Invalid {
@@ -365,13 +384,15 @@ impl VmConfig {
                 ),
             });
         }
-        let kernel = self.boot.kernel.as_ref().ok_or(ConfigError::Invalid {
-            field: "boot.kernel",
-            reason: "no kernel given (set boot.kernel or pass --kernel)".into(),
-        })?;
-        check_readable_file("boot.kernel", kernel)?;
-        if let Some(initrd) = &self.boot.initrd {
-            check_readable_file("boot.initrd", initrd)?;
+        if check_boot_files {
+            let kernel = self.boot.kernel.as_ref().ok_or(ConfigError::Invalid {
+                field: "boot.kernel",
+                reason: "no kernel given (set boot.kernel or pass --kernel)".into(),
+            })?;
+            check_readable_file("boot.kernel", kernel)?;
+            if let Some(initrd) = &self.boot.initrd {
+                check_readable_file("boot.initrd", initrd)?;
+            }
         }
         if self.boot.cmdline().contains('\0') {
             return Err(ConfigError::Invalid {
@@ -417,6 +438,12 @@ impl VmConfig {
                 field,
                 reason: format!("disk `{id}`: {reason}"),
             };
+            if RESERVED_DEVICE_IDS.contains(&id.as_str()) {
+                return Err(invalid(
+                    "disks.id",
+                    "this id belongs to a platform device; choose another".into(),
+                ));
+            }
             if !ids.insert(id.clone()) {
                 return Err(invalid("disks.id", "the id is used twice".into()));
             }

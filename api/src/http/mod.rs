@@ -128,11 +128,11 @@ impl Session for HttpSession {
             };
             let body: Vec<u8> = input.drain(..head.content_length).collect();
             let routed = router::route(&head.method, &head.path)
-                .and_then(|r| router::check_body(r, &body).map(|()| r));
+                .and_then(|r| router::action(r, &body).map(|a| (r, a)));
             match routed {
-                Ok(route) => {
+                Ok((route, action)) => {
                     self.pending = Some((route, head.keep_alive));
-                    ctx.submit(route.action());
+                    ctx.submit(action);
                 }
                 Err(resp) => {
                     resp.write(out, !head.keep_alive);

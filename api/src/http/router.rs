@@ -1,6 +1,8 @@
 //! The REST API's routes, what each turns into, and the HTTP responses (JSON bodies, errors as
 //! `{"error": "..."}`). `api/openapi.json` documents exactly [`ROUTES`] (a test checks it).
 
+use std::path::{Path, PathBuf};
+
 use serde_json::{json, Value};
 
 use crate::action::{ActionError, VmmAction, VmmResponse};
@@ -23,6 +25,12 @@ pub enum Route {
     Reset,
     /// `PUT /vm/shutdown`.
     Shutdown,
+    /// `PUT /vm/snapshot` with `{"path": "/absolute/file"}`.
+    Snapshot,
+    /// `PUT /vm/restore` with `{"path": "/absolute/file"}`.
+    Restore,
+    /// `GET /vm/migration`: the last snapshot's or restore's status and statistics.
+    GetMigration,
 }
 
 /// Every route: method, path, operation.
@@ -34,25 +42,71 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/power-button", Route::PowerButton),
     ("PUT", "/vm/reset", Route::Reset),
     ("PUT", "/vm/shutdown", Route::Shutdown),
+    ("PUT", "/vm/snapshot", Route::Snapshot),
+    ("PUT", "/vm/restore", Route::Restore),
+    ("GET", "/vm/migration", Route::GetMigration),
 ];
 
 impl Route {
-    /// The action it submits.
-    pub fn action(self) -> VmmAction {
-        match self {
-            Route::GetVm => VmmAction::GetVmInfo,
-            Route::GetVersion => VmmAction::GetVersion,
-            Route::Pause => VmmAction::Pause,
-            Route::Resume => VmmAction::Resume,
-            Route::PowerButton => VmmAction::PowerButton,
-            Route::Reset => VmmAction::Reset,
-            Route::Shutdown => VmmAction::Shutdown,
-        }
-    }
-
+    /// Whether it changes something (PUT): its body is checked, and success is 204.
     fn takes_body(self) -> bool {
-        !matches!(self, Route::GetVm | Route::GetVersion)
+        !matches!(self, Route::GetVm | Route::GetVersion | Route::GetMigration)
     }
+}
+
+/// The action a request submits, from its route and body, or the 400 response.
+pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
+    let plain = |a: VmmAction| check_body(route, body).map(|()| a);
+    match route {
+        Route::GetVm => plain(VmmAction::GetVmInfo),
+        Route::GetVersion => plain(VmmAction::GetVersion),
+        Route::Pause => plain(VmmAction::Pause),
+        Route::Resume => plain(VmmAction::Resume),
+        Route::PowerButton => plain(VmmAction::PowerButton),
+        Route::Reset => plain(VmmAction::Reset),
+        Route::Shutdown => plain(VmmAction::Shutdown),
+        Route::GetMigration => plain(VmmAction::QueryMigrate),
+        Route::Snapshot => path_body(body).map(|path| VmmAction::Snapshot { path }),
+        Route::Restore => path_body(body).map(|path| VmmAction::Restore { path }),
+    }
+}
+
+/// The `{"path": "/absolute/file"}` body of snapshot and restore. The path must be absolute:
+/// the VMM's working directory is not the client's.
+fn path_body(body: &[u8]) -> Result<PathBuf, Response> {
+    let bad = |msg: String| Response::error(400, msg);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(bad(
+            "this request needs a JSON body: {\"path\": \"/absolute/file\"}".into(),
+        ));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(bad(
+            "the request body must be a JSON object: {\"path\": \"/absolute/file\"}".into(),
+        ));
+    };
+    if let Some(k) = m.keys().find(|k| *k != "path") {
+        return Err(bad(format!(
+            "unexpected field `{k}` in the request body (it takes `path`)"
+        )));
+    }
+    let path = match m.get("path") {
+        None => return Err(bad("missing field `path` in the request body".into())),
+        Some(Value::String(p)) => p,
+        Some(_) => return Err(bad("`path` must be a string".into())),
+    };
+    if path.contains('\0') {
+        return Err(bad("`path` must not contain NUL".into()));
+    }
+    if !Path::new(path).is_absolute() {
+        return Err(bad(format!(
+            "`path` must be an absolute path (got `{path}`): the VMM's working directory is \
+             not the client's"
+        )));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// An HTTP response to send.
@@ -170,7 +224,7 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, Response> {
 }
 
 /// Checks a request body: action routes accept none, or an empty JSON object; queries ignore it.
-pub(crate) fn check_body(route: Route, body: &[u8]) -> Result<(), Response> {
+fn check_body(route: Route, body: &[u8]) -> Result<(), Response> {
     if !route.takes_body() || body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
@@ -201,6 +255,9 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         }
         Ok(VmmResponse::Version(v)) if route == Route::GetVersion => {
             Response::ok(serde_json::to_value(&v).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::Migration(info)) if route == Route::GetMigration => {
+            Response::ok(serde_json::to_value(&info).unwrap_or(Value::Null))
         }
         Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),
@@ -238,6 +295,71 @@ mod tests {
         assert_eq!(check_body(Route::Pause, b"[1]").unwrap_err().status, 400);
         let e = check_body(Route::Reset, br#"{"force": true}"#).unwrap_err();
         assert!(e.body.unwrap()["error"].as_str().unwrap().contains("force"));
+    }
+
+    #[test]
+    fn snapshot_and_restore_take_an_absolute_path() {
+        assert_eq!(
+            action(Route::Snapshot, br#"{"path": "/var/lib/vm.state"}"#),
+            Ok(VmmAction::Snapshot {
+                path: "/var/lib/vm.state".into()
+            })
+        );
+        assert_eq!(
+            action(Route::Restore, br#" {"path": "/a b/c"} "#),
+            Ok(VmmAction::Restore {
+                path: "/a b/c".into()
+            })
+        );
+        let err = |body: &[u8]| {
+            let r = action(Route::Snapshot, body).unwrap_err();
+            assert_eq!(r.status, 400);
+            r.body.unwrap()["error"].as_str().unwrap().to_string()
+        };
+        assert!(err(b"").contains("needs a JSON body"));
+        assert!(err(b"{}").contains("missing field `path`"));
+        assert!(err(b"{\"path\": 1}").contains("must be a string"));
+        assert!(err(b"{\"path\": \"rel/x\"}").contains("absolute"));
+        assert!(err(b"{\"path\": \"\"}").contains("absolute"));
+        assert!(err(b"{\"path\": \"/x\\u0000y\"}").contains("NUL"));
+        assert!(err(br#"{"path": "/x", "force": true}"#).contains("unexpected field `force`"));
+        assert!(err(b"[\"/x\"]").contains("JSON object"));
+        assert!(err(b"{\"path\"").contains("not valid JSON"));
+        // The others keep their rules.
+        assert_eq!(
+            action(Route::GetMigration, b"junk"),
+            Ok(VmmAction::QueryMigrate)
+        );
+        assert_eq!(action(Route::Pause, b"{}"), Ok(VmmAction::Pause));
+        assert_eq!(
+            action(Route::Pause, br#"{"path": "/x"}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn migration_info_is_served_as_json() {
+        use crate::action::{MigrationInfo, MigrationStatus};
+        let r = respond(
+            Route::GetMigration,
+            Ok(VmmResponse::Migration(Box::new(MigrationInfo {
+                status: MigrationStatus::Completed,
+                total_time_ms: Some(5),
+                ..MigrationInfo::default()
+            }))),
+        );
+        assert_eq!(r.status, 200);
+        let body = r.body.unwrap();
+        assert_eq!(body["status"], "completed");
+        assert_eq!(body["total_time_ms"], 5);
+        assert_eq!(body["ram"], Value::Null);
+        assert_eq!(respond(Route::Snapshot, Ok(VmmResponse::Done)).status, 204);
+        assert_eq!(
+            respond(Route::GetMigration, Ok(VmmResponse::Done)).status,
+            500
+        );
     }
 
     #[test]

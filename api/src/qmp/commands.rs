@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::events::event_json;
 use super::hmp::{self, HmpCommand};
+use super::migration;
 use crate::action::{ActionError, VersionInfo, VmInfo, VmState, VmmAction};
 use crate::controller::{Reply, TimedEvent};
 use crate::VmmResponse;
@@ -41,7 +42,7 @@ pub struct CommandError {
 }
 
 impl CommandError {
-    fn generic(desc: impl Into<String>) -> CommandError {
+    pub(crate) fn generic(desc: impl Into<String>) -> CommandError {
         CommandError {
             class: ErrorClass::GenericError,
             desc: desc.into(),
@@ -62,11 +63,16 @@ impl From<ActionError> for CommandError {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 enum ArgType {
     Str,
     Int,
+    Bool,
     StrList,
+    /// Any array (its elements are checked by the command).
+    Array,
+    /// Checked by this function, given the argument's name and value.
+    Custom(fn(&str, &Value) -> Result<(), CommandError>),
 }
 
 struct Arg {
@@ -98,6 +104,61 @@ const COMMANDS: &[(&str, &[Arg])] = &[
     ("system_reset", NO_ARGS),
     ("system_powerdown", NO_ARGS),
     ("quit", NO_ARGS),
+    (
+        "migrate",
+        &[
+            Arg {
+                name: "uri",
+                ty: ArgType::Str,
+                required: false,
+            },
+            Arg {
+                name: "channels",
+                ty: ArgType::Array,
+                required: false,
+            },
+            Arg {
+                name: "detach",
+                ty: ArgType::Bool,
+                required: false,
+            },
+            Arg {
+                name: "resume",
+                ty: ArgType::Bool,
+                required: false,
+            },
+        ],
+    ),
+    (
+        "migrate-incoming",
+        &[
+            Arg {
+                name: "uri",
+                ty: ArgType::Str,
+                required: false,
+            },
+            Arg {
+                name: "channels",
+                ty: ArgType::Array,
+                required: false,
+            },
+            Arg {
+                name: "exit-on-error",
+                ty: ArgType::Bool,
+                required: false,
+            },
+        ],
+    ),
+    ("query-migrate", NO_ARGS),
+    (
+        "migrate-set-capabilities",
+        &[Arg {
+            name: "capabilities",
+            ty: ArgType::Custom(migration::check_capability_list),
+            required: true,
+        }],
+    ),
+    ("query-migrate-capabilities", NO_ARGS),
     (
         "human-monitor-command",
         &[
@@ -143,6 +204,9 @@ fn validate(schema: &[Arg], args: &Map<String, Value>) -> Result<(), CommandErro
             ArgType::Int if !(v.is_i64() || v.is_u64()) => {
                 return Err(type_err(arg.name, "integer"))
             }
+            ArgType::Bool if !v.is_boolean() => return Err(type_err(arg.name, "boolean")),
+            ArgType::Array if !v.is_array() => return Err(type_err(arg.name, "array")),
+            ArgType::Custom(check) => check(arg.name, v)?,
             ArgType::StrList => {
                 let Some(items) = v.as_array() else {
                     return Err(type_err(arg.name, "array"));
@@ -169,18 +233,21 @@ pub(crate) fn run_state(state: VmState) -> &'static str {
         VmState::Running => "running",
         VmState::Paused => "paused",
         VmState::ShuttingDown => "shutdown",
+        VmState::Incoming => "inmigrate",
+        VmState::PostMigrate => "postmigrate",
     }
 }
 
-/// QEMU's `stop` on a stopped VM and `cont` on a running one succeed without doing anything;
-/// our state machine refuses them, so the monitor turns that refusal back into success.
+/// QEMU's `stop` on a stopped VM (paused, or paused by a migration) and `cont` on a running
+/// one succeed without doing anything; our state machine refuses them, so the monitor turns that
+/// refusal back into success.
 pub(crate) fn is_noop(action: &VmmAction, e: &ActionError) -> bool {
     matches!(
         (action, e),
         (
             VmmAction::Pause,
             ActionError::InvalidState {
-                state: VmState::Paused,
+                state: VmState::Paused | VmState::PostMigrate,
                 ..
             }
         ) | (
@@ -236,8 +303,19 @@ enum Then {
     Status,
     CpusFast,
     Action(VmmAction),
-    Hmp { cmd: HmpCommand, cpu: i64 },
-    HmpCheckCpu { cmd: HmpCommand, cpu: i64 },
+    QueryMigrate,
+    MigrateCapabilities,
+    /// `migrate-incoming` with bad arguments: QEMU checks the run state first, so the VM's
+    /// state decides between its refusal and this error.
+    IncomingRefused(CommandError),
+    Hmp {
+        cmd: HmpCommand,
+        cpu: i64,
+    },
+    HmpCheckCpu {
+        cmd: HmpCommand,
+        cpu: i64,
+    },
 }
 
 /// One client's QMP state.
@@ -245,9 +323,17 @@ enum Then {
 pub(crate) struct Monitor {
     negotiated: bool,
     pending: Option<(Option<Value>, Then)>,
+    /// A restore went through already (QEMU allows one `migrate-incoming`).
+    restore_started: bool,
 }
 
 impl Monitor {
+    /// Tells the monitor whether a restore went through already (the door knows, through the
+    /// controller); used to word a refused `migrate-incoming` as QEMU does.
+    pub(crate) fn set_restore_started(&mut self, started: bool) {
+        self.restore_started = started;
+    }
+
     /// Whether a request waits for the VMM.
     pub(crate) fn busy(&self) -> bool {
         self.pending.is_some()
@@ -298,16 +384,37 @@ impl Monitor {
             Then::Action(action) => match reply {
                 Ok(_) => Ok(json!({})),
                 Err(e) if is_noop(&action, &e) => Ok(json!({})),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(CommandError::generic(migration::action_error_text(
+                    &action,
+                    &e,
+                    self.restore_started,
+                ))),
             },
-            Then::Hmp { cmd, cpu } => match (cmd, reply) {
-                (HmpCommand::Info(kind), r) => {
-                    vm_info(r).map(|vm| Value::String(hmp::info_text(kind, &vm, cpu)))
+            Then::QueryMigrate => match reply {
+                Ok(VmmResponse::Migration(info)) => Ok(migration::migration_json(&info)),
+                other => Err(unexpected(other)),
+            },
+            Then::MigrateCapabilities => match reply {
+                Ok(VmmResponse::MigrationCapabilities(caps)) => {
+                    Ok(migration::capabilities_json(&caps))
                 }
-                (HmpCommand::Action(a), r) => {
-                    Ok(Value::String(hmp::action_text(&a, r.map(|_| ()))))
-                }
-                (HmpCommand::Text(t), _) => Ok(Value::String(t)),
+                other => Err(unexpected(other)),
+            },
+            Then::IncomingRefused(err) => vm_info(reply).and_then(|vm| {
+                Err(if vm.state == VmState::Incoming {
+                    err
+                } else {
+                    CommandError::generic(migration::incoming_refusal(self.restore_started))
+                })
+            }),
+            Then::Hmp { cmd, cpu } => match cmd {
+                HmpCommand::Info(kind) => hmp::info_reply(kind, reply, cpu).map(Value::String),
+                HmpCommand::Action(a) => Ok(Value::String(hmp::action_text(
+                    &a,
+                    reply.map(|_| ()),
+                    self.restore_started,
+                ))),
+                HmpCommand::Text(t) => Ok(Value::String(t)),
             },
             Then::HmpCheckCpu { cmd, cpu } => match vm_info(reply) {
                 Err(e) => Err(e),
@@ -315,17 +422,14 @@ impl Monitor {
                     "Parameter 'cpu-index' expects a CPU number",
                 )),
                 Ok(vm) => match cmd {
-                    HmpCommand::Info(kind) => Ok(Value::String(hmp::info_text(kind, &vm, cpu))),
+                    HmpCommand::Info(kind) if kind.action() == VmmAction::GetVmInfo => {
+                        Ok(Value::String(hmp::info_text(kind, &vm, cpu)))
+                    }
                     HmpCommand::Text(t) => Ok(Value::String(t)),
-                    HmpCommand::Action(a) => {
-                        self.pending = Some((
-                            id,
-                            Then::Hmp {
-                                cmd: HmpCommand::Action(a.clone()),
-                                cpu,
-                            },
-                        ));
-                        return Step::Submit(a);
+                    HmpCommand::Info(_) | HmpCommand::Action(_) => {
+                        let action = hmp_action(&cmd);
+                        self.pending = Some((id, Then::Hmp { cmd, cpu }));
+                        return Step::Submit(action);
                     }
                 },
             },
@@ -405,6 +509,26 @@ impl Monitor {
                 submit(VmmAction::PowerButton, Then::Action(VmmAction::PowerButton))
             }
             "quit" => submit(VmmAction::Shutdown, Then::Action(VmmAction::Shutdown)),
+            "migrate" => {
+                let action = migration::migrate_action(args)?;
+                submit(action.clone(), Then::Action(action))
+            }
+            "migrate-incoming" => match migration::incoming_path(args) {
+                Ok(path) => {
+                    let action = VmmAction::Restore { path };
+                    submit(action.clone(), Then::Action(action))
+                }
+                Err(e) => submit(VmmAction::GetVmInfo, Then::IncomingRefused(e)),
+            },
+            "query-migrate" => submit(VmmAction::QueryMigrate, Then::QueryMigrate),
+            "migrate-set-capabilities" => {
+                let action = migration::set_capabilities_action(args)?;
+                submit(action.clone(), Then::Action(action))
+            }
+            "query-migrate-capabilities" => submit(
+                VmmAction::GetMigrationCapabilities,
+                Then::MigrateCapabilities,
+            ),
             _ => self.hmp(args),
         }
     }
@@ -445,19 +569,34 @@ impl Monitor {
         }
         match cmd {
             HmpCommand::Text(t) => Ok(Ok(Value::String(t))),
-            HmpCommand::Info(_) => Ok(Err((VmmAction::GetVmInfo, Then::Hmp { cmd, cpu: 0 }))),
-            HmpCommand::Action(ref a) => Ok(Err((a.clone(), Then::Hmp { cmd, cpu: 0 }))),
+            HmpCommand::Info(_) | HmpCommand::Action(_) => {
+                Ok(Err((hmp_action(&cmd), Then::Hmp { cmd, cpu: 0 })))
+            }
         }
     }
 }
 
-fn vm_info(reply: Reply) -> Result<Box<VmInfo>, CommandError> {
+/// The action an HMP command needs (`GetVmInfo` for one that needs none).
+fn hmp_action(cmd: &HmpCommand) -> VmmAction {
+    match cmd {
+        HmpCommand::Info(kind) => kind.action(),
+        HmpCommand::Action(a) => a.clone(),
+        HmpCommand::Text(_) => VmmAction::GetVmInfo,
+    }
+}
+
+/// A reply of the wrong kind, or the action's error.
+pub(crate) fn unexpected(reply: Reply) -> CommandError {
+    match reply {
+        Ok(other) => CommandError::generic(format!("unexpected answer from the VMM: {other:?}")),
+        Err(e) => e.into(),
+    }
+}
+
+pub(crate) fn vm_info(reply: Reply) -> Result<Box<VmInfo>, CommandError> {
     match reply {
         Ok(VmmResponse::VmInfo(vm)) => Ok(vm),
-        Ok(other) => Err(CommandError::generic(format!(
-            "unexpected answer from the VMM: {other:?}"
-        ))),
-        Err(e) => Err(e.into()),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -795,5 +934,303 @@ mod tests {
             answer(m.reply(Ok(VmmResponse::Done))),
             json!({"return": ""})
         );
+    }
+
+    fn migration_done() -> Reply {
+        use crate::action::{MigrationInfo, MigrationStatus};
+        Ok(VmmResponse::Migration(Box::new(MigrationInfo {
+            status: MigrationStatus::Completed,
+            total_time_ms: Some(10),
+            ..MigrationInfo::default()
+        })))
+    }
+
+    #[test]
+    fn migrate_to_a_file() {
+        let mut m = negotiated();
+        let snap = VmmAction::Snapshot {
+            path: "/tmp/vm.state".into(),
+        };
+        assert_eq!(
+            m.request(
+                json!({"execute": "migrate", "arguments": {"uri": "file:/tmp/vm.state"}, "id": 1})
+            ),
+            Step::Submit(snap.clone())
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Done))),
+            json!({"return": {}, "id": 1})
+        );
+        // Refusals in QEMU's words.
+        m.request(json!({"execute": "migrate", "arguments": {"uri": "file:/tmp/vm.state"}}));
+        let r = answer(m.reply(Err(ActionError::InvalidState {
+            action: "snapshot",
+            state: VmState::PostMigrate,
+        })));
+        assert_eq!(
+            error(&r),
+            (
+                "GenericError",
+                "Can't migrate the vm that was paused due to previous migration"
+            )
+        );
+        m.request(json!({"execute": "migrate", "arguments": {"uri": "file:/x"}}));
+        let r = answer(m.reply(Err(ActionError::Failed {
+            action: "snapshot",
+            reason: "No space left on device".into(),
+        })));
+        assert_eq!(error(&r).1, "snapshot failed: No space left on device");
+        // `detach` is accepted (and ignored).
+        assert_eq!(
+            m.request(json!({"execute": "migrate", "arguments": {"uri": "file:/tmp/vm.state", "detach": true}})),
+            Step::Submit(snap)
+        );
+    }
+
+    #[test]
+    fn migrate_argument_errors_are_answered_at_once() {
+        let mut m = negotiated();
+        let mig = |a: Value| json!({"execute": "migrate", "arguments": a});
+        let cases = [
+            (
+                mig(json!({"uri": 1})),
+                "Invalid parameter type for 'uri', expected: string",
+            ),
+            (
+                mig(json!({"uri": "file:/x", "resume": "yes"})),
+                "Invalid parameter type for 'resume', expected: boolean",
+            ),
+            (
+                mig(json!({"channels": {}})),
+                "Invalid parameter type for 'channels', expected: array",
+            ),
+            (
+                mig(json!({"uri": "file:/x", "blk": true})),
+                "Parameter 'blk' is unexpected",
+            ),
+            (mig(json!({})), "need either 'uri' or 'channels' argument"),
+            (
+                mig(json!({"channels": []})),
+                "channels are not supported; use 'uri'",
+            ),
+            (
+                mig(json!({"uri": "file:/x", "resume": true})),
+                "Cannot resume if there is no paused migration",
+            ),
+            (
+                mig(json!({"uri": "ftp://x"})),
+                "unknown migration protocol: ftp://x",
+            ),
+            (
+                json!({"execute": "migrate-set-capabilities"}),
+                "Parameter 'capabilities' is missing",
+            ),
+            (
+                json!({"execute": "migrate-set-capabilities",
+                       "arguments": {"capabilities": [{"capability": "bogus", "state": true}]}}),
+                "Parameter 'capability' does not accept value 'bogus'",
+            ),
+            (
+                json!({"execute": "migrate-set-capabilities",
+                       "arguments": {"capabilities": [{"capability": "multifd", "state": true}]}}),
+                "capability 'multifd' is not supported by this VMM",
+            ),
+            (
+                json!({"execute": "query-migrate", "arguments": {"x": 1}}),
+                "Parameter 'x' is unexpected",
+            ),
+        ];
+        for (req, desc) in cases {
+            let r = answer(m.request(req.clone()));
+            assert_eq!(error(&r), ("GenericError", desc), "{req}");
+            assert!(!m.busy());
+        }
+        let r = answer(m.request(mig(json!({"uri": "tcp:127.0.0.1:4444"}))));
+        assert!(error(&r)
+            .1
+            .contains("'tcp:' migration transport is not supported yet"));
+    }
+
+    #[test]
+    fn migrate_incoming_checks_the_run_state_first() {
+        let mut m = negotiated();
+        let restore = VmmAction::Restore {
+            path: "/tmp/vm.state".into(),
+        };
+        let inc = |a: Value| json!({"execute": "migrate-incoming", "arguments": a});
+        assert_eq!(
+            m.request(inc(
+                json!({"uri": "file:/tmp/vm.state", "exit-on-error": false})
+            )),
+            Step::Submit(restore.clone())
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Done))),
+            json!({"return": {}})
+        );
+        m.request(inc(json!({"uri": "file:/tmp/vm.state"})));
+        let refused = || {
+            Err(ActionError::InvalidState {
+                action: "restore",
+                state: VmState::Running,
+            })
+        };
+        let r = answer(m.reply(refused()));
+        assert_eq!(
+            error(&r).1,
+            "'-incoming' was not specified on the command line"
+        );
+        m.set_restore_started(true);
+        m.request(inc(json!({"uri": "file:/tmp/vm.state"})));
+        let r = answer(m.reply(refused()));
+        assert_eq!(
+            error(&r).1,
+            "The incoming migration has already been started"
+        );
+        m.set_restore_started(false);
+        // Bad arguments: the state decides which error QEMU gives.
+        assert_eq!(
+            m.request(inc(json!({"uri": "tcp:0:4446"}))),
+            Step::Submit(VmmAction::GetVmInfo)
+        );
+        let r = answer(m.reply(vm(VmState::Running)));
+        assert_eq!(
+            error(&r).1,
+            "'-incoming' was not specified on the command line"
+        );
+        m.request(inc(json!({"uri": "tcp:0:4446"})));
+        let r = answer(m.reply(vm(VmState::Incoming)));
+        assert!(error(&r)
+            .1
+            .contains("'tcp:' migration transport is not supported yet"));
+        m.request(inc(json!({})));
+        let r = answer(m.reply(vm(VmState::Incoming)));
+        assert_eq!(error(&r).1, "need either 'uri' or 'channels' argument");
+        // Type errors come before everything.
+        let r = answer(m.request(inc(json!({"uri": "file:/x", "exit-on-error": 1}))));
+        assert_eq!(
+            error(&r).1,
+            "Invalid parameter type for 'exit-on-error', expected: boolean"
+        );
+    }
+
+    #[test]
+    fn query_migrate_and_capabilities() {
+        use crate::action::{MigrationCapability, MigrationCapabilityState};
+        let mut m = negotiated();
+        assert_eq!(
+            m.request(json!({"execute": "query-migrate"})),
+            Step::Submit(VmmAction::QueryMigrate)
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Migration(Box::default())))),
+            json!({"return": {}})
+        );
+        m.request(json!({"execute": "query-migrate"}));
+        assert_eq!(
+            answer(m.reply(migration_done())),
+            json!({"return": {"status": "completed", "total-time": 10}})
+        );
+        let events_on = MigrationCapabilityState {
+            capability: MigrationCapability::Events,
+            state: true,
+        };
+        assert_eq!(
+            m.request(
+                json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [
+                {"capability": "events", "state": true},
+                {"capability": "xbzrle", "state": false}]}})
+            ),
+            Step::Submit(VmmAction::SetMigrationCapabilities(vec![events_on]))
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Done))),
+            json!({"return": {}})
+        );
+        assert_eq!(
+            m.request(json!({"execute": "query-migrate-capabilities"})),
+            Step::Submit(VmmAction::GetMigrationCapabilities)
+        );
+        let r = answer(m.reply(Ok(VmmResponse::MigrationCapabilities(vec![events_on]))));
+        let list = r["return"].as_array().unwrap();
+        assert_eq!(list.len(), 22);
+        assert!(list.contains(&json!({"capability": "events", "state": true})));
+        assert!(list.contains(&json!({"capability": "postcopy-ram", "state": false})));
+        // A wrong answer is an error, not a panic.
+        m.request(json!({"execute": "query-migrate"}));
+        assert!(answer(m.reply(Ok(VmmResponse::Done)))["error"].is_object());
+    }
+
+    #[test]
+    fn post_migrate_and_incoming_run_states() {
+        let mut m = negotiated();
+        m.request(json!({"execute": "query-status"}));
+        assert_eq!(
+            answer(m.reply(vm(VmState::PostMigrate)))["return"],
+            json!({"running": false, "singlestep": false, "status": "postmigrate"})
+        );
+        m.request(json!({"execute": "query-status"}));
+        assert_eq!(
+            answer(m.reply(vm(VmState::Incoming)))["return"]["status"],
+            "inmigrate"
+        );
+        // `stop` after a migration is a no-op success, as in QEMU.
+        m.request(json!({"execute": "stop"}));
+        let r = answer(m.reply(Err(ActionError::InvalidState {
+            action: "pause",
+            state: VmState::PostMigrate,
+        })));
+        assert_eq!(r, json!({"return": {}}));
+    }
+
+    #[test]
+    fn hmp_migration_commands_through_qmp() {
+        let mut m = negotiated();
+        let hmp = |line: &str| json!({"execute": "human-monitor-command", "arguments": {"command-line": line}});
+        assert_eq!(
+            m.request(hmp("migrate -d file:/tmp/s")),
+            Step::Submit(VmmAction::Snapshot {
+                path: "/tmp/s".into()
+            })
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Done))),
+            json!({"return": ""})
+        );
+        m.request(hmp("migrate file:/tmp/s"));
+        let r = answer(m.reply(Err(ActionError::InvalidState {
+            action: "snapshot",
+            state: VmState::Incoming,
+        })));
+        assert_eq!(
+            r,
+            json!({"return": "Error: Guest is waiting for an incoming migration\r\n"})
+        );
+        assert_eq!(
+            m.request(hmp("info migrate")),
+            Step::Submit(VmmAction::QueryMigrate)
+        );
+        assert_eq!(
+            answer(m.reply(migration_done())),
+            json!({"return": "Status: \t\tcompleted\r\nTime (ms): \t\ttotal=10\r\n"})
+        );
+        // With cpu-index: the CPU is checked first, then the query runs.
+        let mut req = hmp("info migrate");
+        req["arguments"]["cpu-index"] = json!(1);
+        assert_eq!(m.request(req), Step::Submit(VmmAction::GetVmInfo));
+        assert_eq!(
+            m.reply(vm(VmState::Running)),
+            Step::Submit(VmmAction::QueryMigrate)
+        );
+        assert_eq!(
+            answer(m.reply(Ok(VmmResponse::Migration(Box::default())))),
+            json!({"return": ""})
+        );
+        assert_eq!(
+            m.request(hmp("info migrate_capabilities")),
+            Step::Submit(VmmAction::GetMigrationCapabilities)
+        );
+        let r = answer(m.reply(Ok(VmmResponse::MigrationCapabilities(vec![]))));
+        assert!(r["return"].as_str().unwrap().contains("events: off\r\n"));
     }
 }

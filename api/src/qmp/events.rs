@@ -1,6 +1,6 @@
 //! The VM's events as QMP events (qapi/run-state.json): STOP, RESUME, POWERDOWN, and RESET /
-//! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names), stamped with the time the
-//! VMM published them.
+//! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names); MIGRATION with `status`
+//! (qapi/migration.json); stamped with the time the VMM published them.
 
 use std::time::UNIX_EPOCH;
 
@@ -21,6 +21,7 @@ pub(crate) fn event_json(ev: &TimedEvent) -> Value {
         VmEvent::Powerdown => ("POWERDOWN", None),
         VmEvent::Reset(c) => ("RESET", Some(cause_data(c))),
         VmEvent::Shutdown(c) => ("SHUTDOWN", Some(cause_data(c))),
+        VmEvent::Migration(status) => ("MIGRATION", Some(json!({ "status": status }))),
     };
     let (seconds, microseconds) = match ev.at.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_micros())),
@@ -41,6 +42,7 @@ pub(crate) fn event_json(ev: &TimedEvent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::action::MigrationStatus;
     use std::time::Duration;
 
     #[test]
@@ -63,6 +65,12 @@ mod tests {
         assert_eq!(
             s["data"],
             json!({"guest": true, "reason": "guest-shutdown"})
+        );
+        let m = ev(VmEvent::Migration(MigrationStatus::Completed));
+        assert_eq!(
+            m,
+            json!({"event": "MIGRATION", "data": {"status": "completed"},
+                   "timestamp": {"seconds": 1_258_551_470i64, "microseconds": 802_384}})
         );
     }
 }

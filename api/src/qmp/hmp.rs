@@ -1,17 +1,25 @@
 //! The human monitor commands reachable through QMP's `human-monitor-command`, with HMP's text
 //! output (QEMU's `monitor_puts` turns every `\n` into `\r\n`).
 //!
-//! Supported: `info status|cpus|version|kvm|name`, `stop` (`s`), `cont` (`c`),
-//! `system_powerdown`, `system_reset`, `quit` (`q`). Anything else prints what QEMU prints.
+//! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities`, `stop` (`s`),
+//! `cont` (`c`), `system_powerdown`, `system_reset`, `quit` (`q`), `migrate [-d] [-r] URI`,
+//! `migrate_incoming URI`, `migrate_set_capability NAME on|off`. Anything else prints what QEMU
+//! prints. Arguments are split at white space (QEMU's quoted strings are not parsed).
 
-use crate::action::{ActionError, VersionInfo, VmInfo, VmState, VmmAction};
+use super::commands::{unexpected, vm_info, CommandError};
+use super::migration;
+use crate::action::{
+    ActionError, MigrationInfo, MigrationStatus, VersionInfo, VmInfo, VmState, VmmAction,
+};
+use crate::controller::Reply;
+use crate::VmmResponse;
 
 /// A parsed HMP command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HmpCommand {
     /// Answered at once with this text.
     Text(String),
-    /// Needs the VM's info first.
+    /// Needs an answer from the VMM first ([`InfoKind::action`]).
     Info(InfoKind),
     /// Runs an action; prints nothing on success, `Error: ...` on failure.
     Action(VmmAction),
@@ -24,6 +32,21 @@ pub(crate) enum InfoKind {
     Status,
     /// `info cpus`.
     Cpus,
+    /// `info migrate`.
+    Migrate,
+    /// `info migrate_capabilities`.
+    MigrateCapabilities,
+}
+
+impl InfoKind {
+    /// The query whose answer the text is made of.
+    pub(crate) fn action(self) -> VmmAction {
+        match self {
+            InfoKind::Status | InfoKind::Cpus => VmmAction::GetVmInfo,
+            InfoKind::Migrate => VmmAction::QueryMigrate,
+            InfoKind::MigrateCapabilities => VmmAction::GetMigrationCapabilities,
+        }
+    }
 }
 
 /// Converts HMP's `\n` line ends to the `\r\n` the monitor sends.
@@ -34,10 +57,50 @@ pub(crate) fn crlf(text: &str) -> String {
 const INFO_HELP: &str = "\
 info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
+info migrate [-a] -- show migration status (-a: all, dump all status)
+info migrate_capabilities  -- show current migration capabilities
 info name  -- show the current VM name
 info status  -- show the current VM status (running|paused)
 info version  -- show the version of QEMU
 ";
+
+/// `info` subcommands that take no arguments.
+const INFO_NO_ARGS: &[&str] = &[
+    "status",
+    "cpus",
+    "version",
+    "kvm",
+    "name",
+    "migrate_capabilities",
+];
+
+/// `line` up to the end of its `n`-th word: what QEMU repeats in "Try \"help ...\"".
+fn first_words(line: &str, n: usize) -> &str {
+    let mut end = 0;
+    let mut rest = line;
+    for _ in 0..n {
+        let start = rest.len() - rest.trim_start().len();
+        let len = rest[start..]
+            .find(char::is_whitespace)
+            .unwrap_or(rest.len() - start);
+        end += start + len;
+        rest = &line[end..];
+    }
+    &line[..end]
+}
+
+/// What QEMU prints when a command's arguments do not parse: the reason, then where to look.
+fn bad_args(reason: &str, line: &str, words: usize) -> HmpCommand {
+    HmpCommand::Text(crlf(&format!(
+        "{reason}\nTry \"help {}\" for more information\n",
+        first_words(line, words)
+    )))
+}
+
+/// What a command that failed prints (QEMU's `hmp_handle_error`).
+fn error_text(desc: &str) -> HmpCommand {
+    HmpCommand::Text(crlf(&format!("Error: {desc}\n")))
+}
 
 /// Parses `line` as HMP does: a command name, then its arguments.
 pub(crate) fn parse(line: &str) -> HmpCommand {
@@ -46,41 +109,164 @@ pub(crate) fn parse(line: &str) -> HmpCommand {
         return HmpCommand::Text(String::new());
     };
     let rest: Vec<&str> = words.collect();
-    let no_args = |cmd: HmpCommand, canonical: &str| {
+    // QEMU's command names include their aliases ("stop|s"); parse errors print them whole.
+    let no_args = |cmd: HmpCommand, qemu_name: &str| {
         if rest.is_empty() {
             cmd
         } else {
-            HmpCommand::Text(crlf(&format!(
-                "{canonical}: extraneous characters at the end of line\n"
-            )))
+            bad_args(
+                &format!("{qemu_name}: extraneous characters at the end of line"),
+                line,
+                1,
+            )
         }
     };
     match name {
-        "info" | "i" => match rest.as_slice() {
-            [] => HmpCommand::Text(crlf(INFO_HELP)),
-            ["status"] => HmpCommand::Info(InfoKind::Status),
-            ["cpus"] => HmpCommand::Info(InfoKind::Cpus),
-            ["version"] => {
-                let v = VersionInfo::current();
-                HmpCommand::Text(crlf(&format!("{}\n", v.version)))
-            }
-            ["kvm"] => HmpCommand::Text(crlf("kvm support: enabled\n")),
-            // We have no VM name: QEMU prints nothing then.
-            ["name"] => HmpCommand::Text(String::new()),
-            [sub, ..] if ["status", "cpus", "version", "kvm", "name"].contains(sub) => {
-                HmpCommand::Text(crlf("info: extraneous characters at the end of line\n"))
-            }
-            [sub, ..] => HmpCommand::Text(crlf(&format!("unknown command: 'info {sub}'\n"))),
-        },
-        "stop" | "s" => no_args(HmpCommand::Action(VmmAction::Pause), "stop"),
-        "cont" | "c" => no_args(HmpCommand::Action(VmmAction::Resume), "cont"),
+        "info" | "i" => parse_info(line, &rest),
+        "stop" | "s" => no_args(HmpCommand::Action(VmmAction::Pause), "stop|s"),
+        "cont" | "c" => no_args(HmpCommand::Action(VmmAction::Resume), "cont|c"),
         "system_powerdown" => no_args(
             HmpCommand::Action(VmmAction::PowerButton),
             "system_powerdown",
         ),
         "system_reset" => no_args(HmpCommand::Action(VmmAction::Reset), "system_reset"),
-        "quit" | "q" => no_args(HmpCommand::Action(VmmAction::Shutdown), "quit"),
+        "quit" | "q" => no_args(HmpCommand::Action(VmmAction::Shutdown), "quit|q"),
+        "migrate" => parse_migrate(line, &rest),
+        "migrate_incoming" => match rest.as_slice() {
+            [] => bad_args("migrate_incoming: string expected", line, 1),
+            [uri] => match migration::parse_uri(uri) {
+                Ok(path) => HmpCommand::Action(VmmAction::Restore { path }),
+                Err(e) => error_text(&e.desc),
+            },
+            _ => bad_args(
+                "migrate_incoming: extraneous characters at the end of line",
+                line,
+                1,
+            ),
+        },
+        "migrate_set_capability" => parse_set_capability(line, &rest),
         other => HmpCommand::Text(crlf(&format!("unknown command: '{other}'\n"))),
+    }
+}
+
+fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
+    let Some((sub, args)) = rest.split_first() else {
+        return HmpCommand::Text(crlf(INFO_HELP));
+    };
+    let sub = *sub;
+    if !INFO_NO_ARGS.contains(&sub) && sub != "migrate" {
+        return HmpCommand::Text(crlf(&format!("unknown command: 'info {sub}'\n")));
+    }
+    // `info migrate [-a]`: -a adds QEMU's internals (globals, XBZRLE, throttling), none of
+    // which exist here, so it prints the same.
+    let args = if sub == "migrate" {
+        match args.first() {
+            Some(&"-a") => &args[1..],
+            Some(opt) if opt.starts_with('-') => {
+                let c = opt.chars().nth(1).unwrap_or(' ');
+                return bad_args(&format!("migrate: unsupported option -{c}"), line, 2);
+            }
+            _ => args,
+        }
+    } else {
+        args
+    };
+    if !args.is_empty() {
+        return bad_args(
+            &format!("{sub}: extraneous characters at the end of line"),
+            line,
+            2,
+        );
+    }
+    match sub {
+        "status" => HmpCommand::Info(InfoKind::Status),
+        "cpus" => HmpCommand::Info(InfoKind::Cpus),
+        "migrate" => HmpCommand::Info(InfoKind::Migrate),
+        "migrate_capabilities" => HmpCommand::Info(InfoKind::MigrateCapabilities),
+        "version" => {
+            let v = VersionInfo::current();
+            HmpCommand::Text(crlf(&format!("{}\n", v.version)))
+        }
+        "kvm" => HmpCommand::Text(crlf("kvm support: enabled\n")),
+        // "name": we have no VM name, and QEMU prints nothing then.
+        _ => HmpCommand::Text(String::new()),
+    }
+}
+
+/// `migrate [-d] [-r] URI` (QEMU's `detach:-d,resume:-r,uri:s`: the flags in that order).
+fn parse_migrate(line: &str, rest: &[&str]) -> HmpCommand {
+    let mut i = 0;
+    let mut resume = false;
+    // Each flag in turn; a later flag is left for its turn, anything else is refused.
+    for (flag, later) in [('d', "r"), ('r', "")] {
+        let Some(opt) = rest.get(i).and_then(|w| w.strip_prefix('-')) else {
+            continue;
+        };
+        let c = opt.chars().next().unwrap_or(' ');
+        if c == flag {
+            resume |= flag == 'r';
+            i += 1;
+        } else if !later.contains(c) {
+            return bad_args(&format!("migrate: unsupported option -{c}"), line, 1);
+        }
+    }
+    let Some(uri) = rest.get(i) else {
+        return bad_args("migrate: string expected", line, 1);
+    };
+    if rest.len() > i + 1 {
+        return bad_args("migrate: extraneous characters at the end of line", line, 1);
+    }
+    // `-d` changes nothing: the snapshot is taken before the command returns.
+    match migration::parse_uri(uri) {
+        Err(e) => error_text(&e.desc),
+        Ok(_) if resume => error_text("Cannot resume if there is no paused migration"),
+        Ok(path) => HmpCommand::Action(VmmAction::Snapshot { path }),
+    }
+}
+
+/// `migrate_set_capability NAME on|off`.
+fn parse_set_capability(line: &str, rest: &[&str]) -> HmpCommand {
+    let Some(name) = rest.first() else {
+        return bad_args("migrate_set_capability: string expected", line, 1);
+    };
+    let state = match rest.get(1) {
+        Some(&"on") => true,
+        Some(&"off") => false,
+        _ => return bad_args("Expected 'on' or 'off'", line, 1),
+    };
+    if rest.len() > 2 {
+        return bad_args(
+            "migrate_set_capability: extraneous characters at the end of line",
+            line,
+            1,
+        );
+    }
+    if !migration::QEMU_CAPABILITIES.contains(name) {
+        return error_text(&format!("invalid parameter value: {name}"));
+    }
+    match migration::capability_changes([(*name, state)]) {
+        Ok(caps) => HmpCommand::Action(VmmAction::SetMigrationCapabilities(caps)),
+        Err(e) => error_text(&e.desc),
+    }
+}
+
+/// The text of an `info` command from the VMM's answer to [`InfoKind::action`].
+pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<String, CommandError> {
+    match kind {
+        InfoKind::Status | InfoKind::Cpus => vm_info(reply).map(|vm| info_text(kind, &vm, cpu)),
+        InfoKind::Migrate => match reply {
+            Ok(VmmResponse::Migration(info)) => Ok(crlf(&migrate_text(&info))),
+            other => Err(unexpected(other)),
+        },
+        InfoKind::MigrateCapabilities => match reply {
+            Ok(VmmResponse::MigrationCapabilities(caps)) => Ok(crlf(
+                &migration::capability_states(&caps)
+                    .into_iter()
+                    .map(|(name, on)| format!("{name}: {}\n", if on { "on" } else { "off" }))
+                    .collect::<String>(),
+            )),
+            other => Err(unexpected(other)),
+        },
     }
 }
 
@@ -111,17 +297,120 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
                 )
             })
             .collect(),
+        InfoKind::Migrate | InfoKind::MigrateCapabilities => String::new(),
     };
     crlf(&text)
 }
 
+/// `info migrate` as QEMU 10.1 prints it (migration/migration-hmp-cmds.c `hmp_info_migrate`),
+/// with `\n` line ends. Nothing before the first migration.
+pub(crate) fn migrate_text(info: &MigrationInfo) -> String {
+    let mut out = String::new();
+    if info.status != MigrationStatus::None {
+        out.push_str(&format!("Status: \t\t{}", info.status.as_str()));
+        match &info.error_desc {
+            Some(e) if info.status == MigrationStatus::Failed => out.push_str(&format!(" ({e})\n")),
+            _ => out.push('\n'),
+        }
+        if let Some(total) = info.total_time_ms.filter(|t| *t != 0) {
+            out.push_str(&format!("Time (ms): \t\ttotal={total}"));
+            if let Some(setup) = info.setup_time_ms {
+                out.push_str(&format!(", setup={setup}"));
+            }
+            if let Some(down) = info.downtime_ms {
+                out.push_str(&format!(", down={down}"));
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(ram) = &info.ram {
+        // The same derived members as `query-migrate` (see `migration::ram_json`).
+        out.push_str("RAM info:\n");
+        out.push_str(&format!("  Throughput (Mbps): \t{:.2}\n", ram.mbps));
+        out.push_str(&format!(
+            "  Sizes: \t\tpagesize={}, total={}\n",
+            size_to_str(4096),
+            size_to_str(ram.total)
+        ));
+        out.push_str(&format!(
+            "  Transfers: \t\ttransferred={}, remain={}\n",
+            size_to_str(ram.transferred),
+            size_to_str(ram.remaining)
+        ));
+        out.push_str(&format!(
+            "    Channels: \t\tprecopy={0}, multifd={0}, postcopy={0}\n",
+            size_to_str(0)
+        ));
+        out.push_str(&format!(
+            "    Page Types: \tnormal={}, zero={}\n",
+            ram.normal, ram.duplicate
+        ));
+        out.push_str(&format!(
+            "  Page Rates (pps): \ttransfer={}\n",
+            ram.pages_per_second
+        ));
+        out.push_str("  Others: \t\tdirty_syncs=1");
+        if ram.transferred != 0 {
+            out.push_str(&format!(", downtime_bytes={}", ram.transferred));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// QEMU's `size_to_str`: IEC units, switching up once the number reaches 1000, printed `%0.3g`.
+fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let x = val as f64 / (1000.0 / 1024.0);
+    // frexp's exponent: x = m * 2^e with m in [0.5, 1).
+    let e = if x == 0.0 {
+        0
+    } else {
+        ((x.to_bits() >> 52) & 0x7ff) as i32 - 1022
+    };
+    let i = ((e - 1) / 10).clamp(0, 6) as usize;
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%0.3g`: three significant digits, trailing zeros dropped, exponent form outside
+/// 1e-4..1e3.
+fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{v:.2e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if (-4..3).contains(&exp) {
+        trim(&format!("{v:.*}", (2 - exp) as usize))
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
+    }
+}
+
 /// What an HMP action prints: nothing when it worked (or was a no-op, as `stop` on a paused VM
-/// is in QEMU), `Error: ...` otherwise.
-pub(crate) fn action_text(action: &VmmAction, result: Result<(), ActionError>) -> String {
+/// is in QEMU), `Error: ...` otherwise, in QEMU's words where it has them.
+pub(crate) fn action_text(
+    action: &VmmAction,
+    result: Result<(), ActionError>,
+    restore_started: bool,
+) -> String {
     match result {
         Ok(()) => String::new(),
         Err(e) if super::commands::is_noop(action, &e) => String::new(),
-        Err(e) => crlf(&format!("Error: {e}\n")),
+        Err(e) => crlf(&format!(
+            "Error: {}\n",
+            migration::action_error_text(action, &e, restore_started)
+        )),
     }
 }
 
@@ -175,8 +464,215 @@ mod tests {
         );
         assert_eq!(
             parse("stop now"),
-            HmpCommand::Text("stop: extraneous characters at the end of line\r\n".into())
+            HmpCommand::Text(
+                "stop|s: extraneous characters at the end of line\r\n\
+                 Try \"help stop\" for more information\r\n"
+                    .into()
+            )
         );
+        assert_eq!(
+            parse("  s  now"),
+            HmpCommand::Text(
+                "stop|s: extraneous characters at the end of line\r\n\
+                 Try \"help   s\" for more information\r\n"
+                    .into()
+            )
+        );
+        assert_eq!(
+            parse("info status now"),
+            HmpCommand::Text(
+                "status: extraneous characters at the end of line\r\n\
+                 Try \"help info status\" for more information\r\n"
+                    .into()
+            )
+        );
+    }
+
+    fn text(cmd: HmpCommand) -> String {
+        match cmd {
+            HmpCommand::Text(t) => t,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn migrate_commands_parse_like_qemu() {
+        let snap = |p: &str| HmpCommand::Action(VmmAction::Snapshot { path: p.into() });
+        assert_eq!(parse("migrate file:/tmp/s"), snap("/tmp/s"));
+        assert_eq!(parse("migrate -d file:/tmp/s"), snap("/tmp/s"));
+        assert_eq!(
+            text(parse("migrate -r file:/tmp/s")),
+            "Error: Cannot resume if there is no paused migration\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate -d -r file:/tmp/s")),
+            "Error: Cannot resume if there is no paused migration\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate -x file:/tmp/s")),
+            "migrate: unsupported option -x\r\nTry \"help migrate\" for more information\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate")),
+            "migrate: string expected\r\nTry \"help migrate\" for more information\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate -d")),
+            "migrate: string expected\r\nTry \"help migrate\" for more information\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate file:/a file:/b")),
+            "migrate: extraneous characters at the end of line\r\n\
+             Try \"help migrate\" for more information\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate bogus:x")),
+            "Error: unknown migration protocol: bogus:x\r\n"
+        );
+        assert!(text(parse("migrate tcp:0:4446")).starts_with("Error: the 'tcp:' migration"));
+        assert_eq!(
+            parse("migrate_incoming file:/tmp/s"),
+            HmpCommand::Action(VmmAction::Restore {
+                path: "/tmp/s".into()
+            })
+        );
+        assert_eq!(
+            text(parse("migrate_incoming")),
+            "migrate_incoming: string expected\r\n\
+             Try \"help migrate_incoming\" for more information\r\n"
+        );
+        assert!(text(parse("migrate_incoming exec:cat")).starts_with("Error: the 'exec:'"));
+    }
+
+    #[test]
+    fn set_capability_parses_like_qemu() {
+        assert_eq!(
+            parse("migrate_set_capability events on"),
+            HmpCommand::Action(VmmAction::SetMigrationCapabilities(vec![
+                crate::action::MigrationCapabilityState {
+                    capability: crate::action::MigrationCapability::Events,
+                    state: true,
+                }
+            ]))
+        );
+        assert_eq!(
+            parse("migrate_set_capability xbzrle off"),
+            HmpCommand::Action(VmmAction::SetMigrationCapabilities(vec![]))
+        );
+        assert_eq!(
+            text(parse("migrate_set_capability xbzrle on")),
+            "Error: capability 'xbzrle' is not supported by this VMM\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate_set_capability nope on")),
+            "Error: invalid parameter value: nope\r\n"
+        );
+        assert_eq!(
+            text(parse("migrate_set_capability events yes")),
+            "Expected 'on' or 'off'\r\n\
+             Try \"help migrate_set_capability\" for more information\r\n"
+        );
+        assert!(text(parse("migrate_set_capability"))
+            .starts_with("migrate_set_capability: string expected\r\n"));
+    }
+
+    #[test]
+    fn info_migrate_subcommands() {
+        assert_eq!(parse("info migrate"), HmpCommand::Info(InfoKind::Migrate));
+        assert_eq!(
+            parse("info migrate -a"),
+            HmpCommand::Info(InfoKind::Migrate)
+        );
+        assert_eq!(
+            parse("i migrate_capabilities"),
+            HmpCommand::Info(InfoKind::MigrateCapabilities)
+        );
+        assert_eq!(InfoKind::Migrate.action(), VmmAction::QueryMigrate);
+        assert_eq!(
+            text(parse("info migrate -x")),
+            "migrate: unsupported option -x\r\nTry \"help info migrate\" for more information\r\n"
+        );
+        let help = text(parse("info"));
+        assert!(help
+            .contains("info migrate [-a] -- show migration status (-a: all, dump all status)\r\n"));
+        assert!(help.contains("info migrate_capabilities  -- show current migration capabilities"));
+    }
+
+    #[test]
+    fn info_migrate_text_follows_qemu() {
+        use crate::action::{MigrationInfo, MigrationStatus, RamStats};
+        assert_eq!(migrate_text(&MigrationInfo::default()), "");
+        let failed = MigrationInfo {
+            status: MigrationStatus::Failed,
+            error_desc: Some("No space left on device".into()),
+            ..MigrationInfo::default()
+        };
+        assert_eq!(
+            migrate_text(&failed),
+            "Status: \t\tfailed (No space left on device)\n"
+        );
+        let done = MigrationInfo {
+            status: MigrationStatus::Completed,
+            total_time_ms: Some(1523),
+            setup_time_ms: Some(3),
+            downtime_ms: Some(1520),
+            ram: Some(RamStats {
+                transferred: 139_264_000,
+                remaining: 0,
+                total: 268_435_456,
+                duplicate: 31_540,
+                normal: 33_996,
+                normal_bytes: 139_247_616,
+                mbps: 731.5432,
+                pages_per_second: 22_365,
+            }),
+            error_desc: None,
+        };
+        assert_eq!(
+            migrate_text(&done),
+            "Status: \t\tcompleted\n\
+             Time (ms): \t\ttotal=1523, setup=3, down=1520\n\
+             RAM info:\n\
+             \x20 Throughput (Mbps): \t731.54\n\
+             \x20 Sizes: \t\tpagesize=4 KiB, total=256 MiB\n\
+             \x20 Transfers: \t\ttransferred=133 MiB, remain=0 B\n\
+             \x20   Channels: \t\tprecopy=0 B, multifd=0 B, postcopy=0 B\n\
+             \x20   Page Types: \tnormal=33996, zero=31540\n\
+             \x20 Page Rates (pps): \ttransfer=22365\n\
+             \x20 Others: \t\tdirty_syncs=1, downtime_bytes=139264000\n"
+        );
+        let caps = info_reply(
+            InfoKind::MigrateCapabilities,
+            Ok(VmmResponse::MigrationCapabilities(vec![
+                crate::action::MigrationCapabilityState {
+                    capability: crate::action::MigrationCapability::Events,
+                    state: true,
+                },
+            ])),
+            0,
+        )
+        .unwrap();
+        assert!(caps.starts_with("xbzrle: off\r\nrdma-pin-all: off\r\n"));
+        assert!(caps.contains("\r\nevents: on\r\n"));
+        assert!(caps.ends_with("mapped-ram: off\r\n"));
+        assert!(info_reply(InfoKind::Migrate, Ok(VmmResponse::Done), 0).is_err());
+    }
+
+    #[test]
+    fn sizes_print_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(1024), "1 KiB");
+        assert_eq!(size_to_str(4096), "4 KiB");
+        assert_eq!(size_to_str(1536), "1.5 KiB");
+        assert_eq!(size_to_str(268_435_456), "256 MiB");
+        assert_eq!(size_to_str(1_023_487), "999 KiB");
+        assert_eq!(size_to_str(1_048_000), "0.999 MiB");
+        assert_eq!(size_to_str(u64::MAX), "16 EiB");
+        assert_eq!(fmt_g3(999.6), "1e+03");
+        assert_eq!(fmt_g3(0.000_123_4), "0.000123");
+        assert_eq!(fmt_g3(12.34), "12.3");
     }
 
     #[test]
@@ -194,6 +690,14 @@ mod tests {
             "VM status: paused (shutdown)\r\n"
         );
         assert_eq!(
+            info_text(InfoKind::Status, &vm(VmState::PostMigrate), 0),
+            "VM status: paused (postmigrate)\r\n"
+        );
+        assert_eq!(
+            info_text(InfoKind::Status, &vm(VmState::Incoming), 0),
+            "VM status: paused (inmigrate)\r\n"
+        );
+        assert_eq!(
             info_text(InfoKind::Cpus, &vm(VmState::Running), 0),
             "* CPU #0: thread_id=1234\r\n  CPU #1: thread_id=1235\r\n"
         );
@@ -209,15 +713,33 @@ mod tests {
             action: "pause",
             state: VmState::Paused,
         };
-        assert_eq!(action_text(&VmmAction::Pause, Err(paused)), "");
+        assert_eq!(action_text(&VmmAction::Pause, Err(paused), false), "");
+        let post = ActionError::InvalidState {
+            action: "pause",
+            state: VmState::PostMigrate,
+        };
+        assert_eq!(action_text(&VmmAction::Pause, Err(post), false), "");
         let e = ActionError::InvalidState {
             action: "reset",
             state: VmState::ShuttingDown,
         };
         assert_eq!(
-            action_text(&VmmAction::Reset, Err(e)),
+            action_text(&VmmAction::Reset, Err(e), false),
             "Error: cannot reset while the VM is shutting_down\r\n"
         );
-        assert_eq!(action_text(&VmmAction::Reset, Ok(())), "");
+        assert_eq!(action_text(&VmmAction::Reset, Ok(()), false), "");
+        let restore = VmmAction::Restore { path: "/s".into() };
+        let refused = || ActionError::InvalidState {
+            action: "restore",
+            state: VmState::Running,
+        };
+        assert_eq!(
+            action_text(&restore, Err(refused()), false),
+            "Error: '-incoming' was not specified on the command line\r\n"
+        );
+        assert_eq!(
+            action_text(&restore, Err(refused()), true),
+            "Error: The incoming migration has already been started\r\n"
+        );
     }
 }

@@ -9,6 +9,7 @@ mod commands;
 mod events;
 mod framing;
 mod hmp;
+mod migration;
 
 use std::net::SocketAddr;
 
@@ -131,6 +132,7 @@ impl Session for QmpSession {
     }
 
     fn on_reply(&mut self, reply: Reply, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) -> Flow {
+        self.monitor.set_restore_started(ctx.restore_started());
         let step = self.monitor.reply(reply);
         self.step(step, out, ctx);
         Flow::Continue

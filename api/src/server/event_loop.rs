@@ -98,6 +98,12 @@ impl Ctx<'_> {
         self.controller
             .submit(action, Box::new(move |r| inbox.push_reply(client, r)));
     }
+
+    /// Whether a restore went through a door already (see
+    /// [`ControllerHandle::restore_started`]).
+    pub(crate) fn restore_started(&self) -> bool {
+        self.controller.restore_started()
+    }
 }
 
 /// The handle of a running door thread: stopping it flushes queued output and joins.

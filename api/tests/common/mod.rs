@@ -1,6 +1,7 @@
 //! Shared test scaffolding: a fake VMM thread (drains the controller inbox, keeps a `VmState`,
-//! answers, publishes events on an `EventBus` the way the real VMM does) and small QMP and HTTP
-//! clients over real sockets.
+//! answers, publishes events on an `EventBus` the way the real VMM does; a snapshot writes a
+//! small marker file and a restore reads it back) and small QMP and HTTP clients over real
+//! sockets.
 
 #![allow(dead_code)]
 
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use api::controller::{action_channel, ControllerHandle, EventBus, EventReceiver};
 use api::{
-    ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState, VmmAction,
+    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus,
+    RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState, VmmAction,
     VmmResponse,
 };
 use serde_json::Value;
@@ -32,6 +34,54 @@ pub fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// What the fake VMM writes as a "state file".
+pub const FAKE_STATE: &[u8] = b"FAKE-VMM-STATE v1\n";
+
+/// The fake's migration side: capabilities and the last migration.
+#[derive(Default)]
+struct Migration {
+    events: bool,
+    info: MigrationInfo,
+}
+
+impl Migration {
+    /// Publishes MIGRATION events (when the capability is on) and records the outcome.
+    fn run(&mut self, bus: &EventBus, result: Result<(), String>, with_stats: bool) {
+        let publish = |s| {
+            if self.events {
+                bus.publish(VmEvent::Migration(s));
+            }
+        };
+        publish(MigrationStatus::Setup);
+        publish(MigrationStatus::Active);
+        self.info = match result {
+            Ok(()) => MigrationInfo {
+                status: MigrationStatus::Completed,
+                total_time_ms: with_stats.then_some(12),
+                setup_time_ms: with_stats.then_some(1),
+                downtime_ms: with_stats.then_some(11),
+                ram: with_stats.then(|| RamStats {
+                    transferred: FAKE_STATE.len() as u64,
+                    remaining: 0,
+                    total: 256 << 20,
+                    duplicate: 65_536,
+                    normal: 0,
+                    normal_bytes: 0,
+                    mbps: 1.25,
+                    pages_per_second: 0,
+                }),
+                error_desc: None,
+            },
+            Err(e) => MigrationInfo {
+                status: MigrationStatus::Failed,
+                error_desc: Some(e),
+                ..MigrationInfo::default()
+            },
+        };
+        publish(self.info.status);
+    }
+}
+
 /// A stand-in for the VMM thread.
 pub struct FakeVmm {
     pub bus: EventBus,
@@ -45,11 +95,16 @@ pub struct FakeVmm {
 }
 
 impl FakeVmm {
-    /// Starts the fake VMM; returns it and the handle the doors submit to.
+    /// Starts the fake VMM with a running VM; returns it and the handle the doors submit to.
     pub fn start() -> (FakeVmm, ControllerHandle) {
+        FakeVmm::start_in(VmState::Running)
+    }
+
+    /// Starts the fake VMM in `state` (`Incoming`: waiting for a restore).
+    pub fn start_in(initial: VmState) -> (FakeVmm, ControllerHandle) {
         let (handle, inbox) = action_channel().unwrap();
         let bus = EventBus::new();
-        let state = Arc::new(Mutex::new(VmState::Running));
+        let state = Arc::new(Mutex::new(initial));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let delay = Arc::new(Mutex::new(Duration::ZERO));
         let stop = Arc::new(AtomicBool::new(false));
@@ -61,6 +116,7 @@ impl FakeVmm {
             stop.clone(),
         );
         let thread = std::thread::spawn(move || {
+            let mut mig = Migration::default();
             while !sp.load(Ordering::Relaxed) {
                 let mut pfd = libc::pollfd {
                     fd: inbox.waker().as_raw_fd(),
@@ -78,39 +134,49 @@ impl FakeVmm {
                     let mut s = st.lock().unwrap();
                     let reply = match s.check(&req.action) {
                         Err(e) => Err(e),
-                        Ok(next) => {
-                            *s = next;
-                            // Like QEMU: the event goes out before the command's return.
-                            match req.action {
-                                VmmAction::Pause => b.publish(VmEvent::Stop),
-                                VmmAction::Resume => b.publish(VmEvent::Resume),
-                                VmmAction::PowerButton => b.publish(VmEvent::Powerdown),
-                                VmmAction::Reset => {
-                                    b.publish(VmEvent::Reset(ShutdownCause::HostQmpSystemReset))
-                                }
-                                _ => {}
+                        Ok(next) => match migrate(&mut mig, &b, *s, &req.action) {
+                            Some(Err(reason)) => Err(ActionError::Failed {
+                                action: req.action.name(),
+                                reason,
+                            }),
+                            Some(Ok(resp)) => {
+                                *s = next;
+                                Ok(resp)
                             }
-                            Ok(match req.action {
-                                VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
-                                    state: *s,
-                                    config: VmConfig::default(),
-                                    vcpus: vec![
-                                        VcpuInfo {
-                                            index: 0,
-                                            thread_id: Some(4242),
-                                        },
-                                        VcpuInfo {
-                                            index: 1,
-                                            thread_id: Some(4243),
-                                        },
-                                    ],
-                                })),
-                                VmmAction::GetVersion => {
-                                    VmmResponse::Version(VersionInfo::current())
+                            None => {
+                                *s = next;
+                                // Like QEMU: the event goes out before the command's return.
+                                match req.action {
+                                    VmmAction::Pause => b.publish(VmEvent::Stop),
+                                    VmmAction::Resume => b.publish(VmEvent::Resume),
+                                    VmmAction::PowerButton => b.publish(VmEvent::Powerdown),
+                                    VmmAction::Reset => {
+                                        b.publish(VmEvent::Reset(ShutdownCause::HostQmpSystemReset))
+                                    }
+                                    _ => {}
                                 }
-                                _ => VmmResponse::Done,
-                            })
-                        }
+                                Ok(match req.action {
+                                    VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
+                                        state: *s,
+                                        config: VmConfig::default(),
+                                        vcpus: vec![
+                                            VcpuInfo {
+                                                index: 0,
+                                                thread_id: Some(4242),
+                                            },
+                                            VcpuInfo {
+                                                index: 1,
+                                                thread_id: Some(4243),
+                                            },
+                                        ],
+                                    })),
+                                    VmmAction::GetVersion => {
+                                        VmmResponse::Version(VersionInfo::current())
+                                    }
+                                    _ => VmmResponse::Done,
+                                })
+                            }
+                        },
                     };
                     drop(s);
                     (req.reply)(reply);
@@ -138,6 +204,59 @@ impl FakeVmm {
     pub fn state(&self) -> VmState {
         *self.state.lock().unwrap()
     }
+}
+
+/// The migration actions, as the real VMM carries them out (`None` for the others). Called after
+/// the state check; the state changes only if this succeeds.
+fn migrate(
+    mig: &mut Migration,
+    bus: &EventBus,
+    state: VmState,
+    action: &VmmAction,
+) -> Option<Result<VmmResponse, String>> {
+    Some(match action {
+        VmmAction::Snapshot { path } => {
+            if state == VmState::Running {
+                bus.publish(VmEvent::Stop);
+            }
+            let written = std::fs::write(path, FAKE_STATE)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()));
+            mig.run(bus, written.clone(), true);
+            if written.is_err() && state == VmState::Running {
+                // The VM goes on as before.
+                bus.publish(VmEvent::Resume);
+            }
+            written.map(|()| VmmResponse::Done)
+        }
+        VmmAction::Restore { path } => {
+            let read = match std::fs::read(path) {
+                Ok(data) if data == FAKE_STATE => Ok(()),
+                Ok(_) => Err(format!("{}: not a VM state file", path.display())),
+                Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            };
+            mig.run(bus, read.clone(), false);
+            if read.is_ok() {
+                bus.publish(VmEvent::Resume);
+            }
+            read.map(|()| VmmResponse::Done)
+        }
+        VmmAction::QueryMigrate => Ok(VmmResponse::Migration(Box::new(mig.info.clone()))),
+        VmmAction::SetMigrationCapabilities(caps) => {
+            for c in caps {
+                match c.capability {
+                    MigrationCapability::Events => mig.events = c.state,
+                }
+            }
+            Ok(VmmResponse::Done)
+        }
+        VmmAction::GetMigrationCapabilities => Ok(VmmResponse::MigrationCapabilities(vec![
+            MigrationCapabilityState {
+                capability: MigrationCapability::Events,
+                state: mig.events,
+            },
+        ])),
+        _ => return None,
+    })
 }
 
 impl Drop for FakeVmm {
@@ -304,6 +423,17 @@ impl Http {
 
     pub fn request(&mut self, method: &str, path: &str) -> HttpResponse {
         let raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.send_raw(raw.as_bytes()).unwrap();
+        self.response().expect("a response")
+    }
+
+    /// A request with a JSON body.
+    pub fn request_body(&mut self, method: &str, path: &str, body: &str) -> HttpResponse {
+        let raw = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         self.send_raw(raw.as_bytes()).unwrap();
         self.response().expect("a response")
     }
