@@ -16,12 +16,17 @@ use kvm_bindings::CpuId;
 use std::sync::Mutex;
 use virtio::block::Block;
 use virtio::VirtioPciDevice;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::SerialBackend;
 use crate::device_manager::{create_platform_devices, DeviceError, PlatformDevices, PowerEvents};
 use crate::kvm::Hypervisor;
 use crate::pci::{create_pci, PciWiringError};
+use crate::registry::{DeviceRegistry, RegistryError};
+use crate::snapshot::cpu::{restore_vm, CpuStateError};
+use crate::snapshot::memory::{map_private, MemoryError};
+use crate::snapshot::Loaded;
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuShared};
 use crate::vm::{Vm, VmError};
 
@@ -87,11 +92,38 @@ pub enum BuildError {
     /// PCI wiring failed.
     #[error(transparent)]
     Pci(#[from] PciWiringError),
+    /// Devices could not be registered, or did not take their saved state.
+    #[error("cannot restore the VM: {0}")]
+    Registry(#[from] RegistryError),
+    /// The saved memory could not be mapped.
+    #[error("cannot restore the VM: {0}")]
+    Memory(#[from] MemoryError),
+    /// The saved in-kernel VM state was refused.
+    #[error("cannot restore the VM: {0}")]
+    VmState(#[from] CpuStateError),
 }
 
-/// Opens every configured disk and wraps it in a virtio-blk device model.
-fn open_disks(cfg: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, BuildError> {
-    let mut out: Vec<Box<dyn virtio::VirtioDevice>> = Vec::with_capacity(cfg.disks.len());
+impl BuildError {
+    /// Whether the error comes from what the user gave (a saved state that does not fit or is
+    /// malformed) rather than from the host: such errors end the VMM with status 2.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Registry(_)
+                | BuildError::Pci(PciWiringError::Restore(_))
+                | BuildError::Memory(_)
+                | BuildError::VmState(_)
+                | BuildError::Vcpu(VcpuError::Restore { .. })
+        )
+    }
+}
+
+/// A virtio device model with its stable id.
+type IdentifiedDevice = (String, Box<dyn virtio::VirtioDevice>);
+
+/// Opens every configured disk and wraps it in a virtio-blk device model, with its id.
+fn open_disks(cfg: &VmConfig) -> Result<Vec<IdentifiedDevice>, BuildError> {
+    let mut out: Vec<IdentifiedDevice> = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
         let id = cfg.disk_id(i);
         let format = match d.format {
@@ -115,9 +147,12 @@ fn open_disks(cfg: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, Buil
                 source,
             }
         })?;
-        let block = Block::new(image, d.serial.as_deref())
-            .map_err(|source| BuildError::BlockDevice { id, source })?;
-        out.push(Box::new(block));
+        let block =
+            Block::new(image, d.serial.as_deref()).map_err(|source| BuildError::BlockDevice {
+                id: id.clone(),
+                source,
+            })?;
+        out.push((id, Box::new(block)));
     }
     Ok(out)
 }
@@ -136,6 +171,8 @@ pub struct RunningVm {
     pub control: Arc<VcpuControl>,
     /// vCPU threads.
     pub threads: Vec<JoinHandle<()>>,
+    /// Every device by id.
+    pub registry: DeviceRegistry,
     /// vCPU exit reports.
     pub vcpu_events: Receiver<VcpuEvent>,
     /// Written with each vCPU exit report.
@@ -150,45 +187,33 @@ fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
     })
 }
 
-/// Builds and starts one incarnation of the VM `cfg` describes; its vCPUs wait for a resume
-/// first when `start_paused` is set.
+/// Builds and starts one incarnation of the VM `cfg` describes, booting its kernel, or (with
+/// `restore`) putting a saved state back; its vCPUs wait for a resume first when
+/// `start_paused` is set.
 pub fn build_vm(
     hv: &Hypervisor,
     cpuid: &CpuId,
     cfg: &VmConfig,
     serial: &SerialBackend,
     start_paused: bool,
+    restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
     let memory_bytes = cfg.machine.memory_mib << 20;
-    let vm = Vm::new(hv, cfg.machine.memory_mib)?;
-    let mem = vm.memory();
-
-    // Validation made sure a kernel is configured.
-    let kernel_path = cfg.boot.kernel.as_deref().unwrap_or(Path::new(""));
-    let mut kernel_file = open("boot.kernel", kernel_path)?;
-    let kernel = boot::loader::load_kernel(mem, &mut kernel_file).map_err(BuildError::Kernel)?;
-    let initrd = match &cfg.boot.initrd {
-        Some(path) => {
-            let mut f = open("boot.initrd", path)?;
-            Some(
-                boot::loader::load_initrd(
-                    mem,
-                    &mut f,
-                    kernel.kernel_end,
-                    kernel.setup_header.as_ref(),
-                )
-                .map_err(BuildError::Initrd)?,
-            )
-        }
-        None => None,
+    let vm = match restore {
+        Some(l) => Vm::with_memory(hv, map_private(&l.file, &l.memory)?)?,
+        None => Vm::new(hv, cfg.machine.memory_mib)?,
     };
-    boot::regs::write_reset_stub(mem).map_err(BuildError::ResetStub)?;
-    let cmdline = boot::loader::load_cmdline(mem, cfg.boot.cmdline(), kernel.setup_header.as_ref())
-        .map_err(BuildError::Cmdline)?;
+    let mem = vm.memory();
+    if let Some(l) = restore {
+        restore_vm(vm.fd(), &l.state.vm)?;
+    }
 
     let power = PowerEvents::new()?;
     let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
+    let mut registry = DeviceRegistry::new();
+    devices.register(&mut registry)?;
     let disks = open_disks(cfg)?;
+    let saved = restore.map(|l| &l.state.devices);
     let pci = match disks.is_empty() {
         true => None,
         false => Some(create_pci(
@@ -198,39 +223,47 @@ pub fn build_vm(
             &devices.pio,
             &devices.mmio,
             disks,
+            saved,
         )?),
     };
+    if let Some(p) = &pci {
+        p.register(&mut registry)?;
+    }
+    if let Some(states) = saved {
+        registry.check_ids(states)?;
+        registry.restore_platform(states)?;
+    }
 
-    let acpi = AcpiConfig {
-        // The i8042 is there for `reboot=k`; describing it lets Linux use it too.
-        i8042: true,
-        pci: pci.as_ref().map(|p| p.host),
-        ..AcpiConfig::new(cfg.machine.vcpus)
+    let entry = match restore {
+        Some(_) => GuestAddress(0),
+        None => boot_guest(cfg, mem, memory_bytes, pci.as_ref().map(|p| p.host))?,
     };
-    let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(BuildError::Acpi)?;
-    boot::zeropage::configure_boot_params(
-        mem,
-        &BootParamsConfig {
-            cmdline,
-            initrd,
-            setup_header: kernel.setup_header,
-            rsdp_addr: Some(rsdp),
-            mem_size: memory_bytes,
-        },
-    )
-    .map_err(BuildError::BootParams)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.machine.vcpus));
     for id in 0..cfg.machine.vcpus {
-        vcpus.push(Vcpu::new(
-            vm.fd(),
-            mem,
-            cpuid,
-            hv.tsc_deadline(),
-            id,
-            cfg.machine.vcpus,
-            kernel.entry,
-        )?);
+        vcpus.push(match restore {
+            Some(l) => match l.state.vcpus.get(usize::from(id)) {
+                Some(state) => Vcpu::restore(vm.fd(), state)?,
+                None => return Err(RegistryError::Missing(format!("vcpu{id}")).into()),
+            },
+            None => Vcpu::new(
+                vm.fd(),
+                mem,
+                cpuid,
+                hv.tsc_deadline(),
+                id,
+                cfg.machine.vcpus,
+                entry,
+            )?,
+        });
+    }
+
+    if restore.is_some() {
+        // A notification that arrived while the state was taken is replayed now that the
+        // vCPUs its interrupts go to exist.
+        for (_, dev) in registry.virtio() {
+            crate::lock(dev).kick_queues();
+        }
     }
 
     let control = Arc::new(VcpuControl::new(cfg.machine.vcpus, start_paused));
@@ -254,7 +287,10 @@ pub fn build_vm(
         }
     }
     Ok(RunningVm {
-        virtio: pci.map(|p| p.devices).unwrap_or_default(),
+        virtio: pci
+            .map(|p| p.devices.into_iter().map(|(_, d)| d).collect())
+            .unwrap_or_default(),
+        registry,
         vm,
         devices,
         power,
@@ -263,4 +299,55 @@ pub fn build_vm(
         vcpu_events,
         vcpu_evt,
     })
+}
+
+/// Loads the kernel, initrd and command line, and writes the reset stub, the ACPI tables and
+/// the zero page: everything a fresh boot needs in guest memory. Returns the kernel entry.
+fn boot_guest(
+    cfg: &VmConfig,
+    mem: &vm_memory::GuestMemoryMmap,
+    memory_bytes: u64,
+    pci: Option<boot::acpi::PciHostConfig>,
+) -> Result<GuestAddress, BuildError> {
+    // Validation made sure a kernel is configured.
+    let kernel_path = cfg.boot.kernel.as_deref().unwrap_or(Path::new(""));
+    let mut kernel_file = open("boot.kernel", kernel_path)?;
+    let kernel = boot::loader::load_kernel(mem, &mut kernel_file).map_err(BuildError::Kernel)?;
+    let initrd = match &cfg.boot.initrd {
+        Some(path) => {
+            let mut f = open("boot.initrd", path)?;
+            Some(
+                boot::loader::load_initrd(
+                    mem,
+                    &mut f,
+                    kernel.kernel_end,
+                    kernel.setup_header.as_ref(),
+                )
+                .map_err(BuildError::Initrd)?,
+            )
+        }
+        None => None,
+    };
+    boot::regs::write_reset_stub(mem).map_err(BuildError::ResetStub)?;
+    let cmdline = boot::loader::load_cmdline(mem, cfg.boot.cmdline(), kernel.setup_header.as_ref())
+        .map_err(BuildError::Cmdline)?;
+    let acpi = AcpiConfig {
+        // The i8042 is there for `reboot=k`; describing it lets Linux use it too.
+        i8042: true,
+        pci,
+        ..AcpiConfig::new(cfg.machine.vcpus)
+    };
+    let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(BuildError::Acpi)?;
+    boot::zeropage::configure_boot_params(
+        mem,
+        &BootParamsConfig {
+            cmdline,
+            initrd,
+            setup_header: kernel.setup_header,
+            rsdp_addr: Some(rsdp),
+            mem_size: memory_bytes,
+        },
+    )
+    .map_err(BuildError::BootParams)?;
+    Ok(kernel.entry)
 }

@@ -70,6 +70,79 @@ pub struct Cli {
     /// path=P[,format=raw|qcow2][,readonly=on][,cache=writeback|none|unsafe][,serial=S][,id=I]
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskConfig>,
+
+    /// Restore a saved VM instead of booting one: file:PATH (a state file written by QMP
+    /// `migrate "file:PATH"` or `PUT /vm/snapshot`), or `defer` to wait for QMP
+    /// `migrate-incoming` / `PUT /vm/restore`. The VM's configuration comes from the state;
+    /// pass only --qmp, --api-socket, --serial and --on-reboot (anything else must agree).
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<Incoming>,
+
+    /// Keep the vCPUs stopped after the VM is built or restored, until a QMP `cont` or
+    /// `PUT /vm/resume` (QEMU's -S).
+    #[arg(long, short = 'S')]
+    pub paused: bool,
+}
+
+/// Where an incoming VM state comes from (`--incoming`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A state file.
+    File(PathBuf),
+    /// Wait for the control plane to name one.
+    Defer,
+}
+
+impl std::str::FromStr for Incoming {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "defer" {
+            return Ok(Incoming::Defer);
+        }
+        if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() || path.contains(",offset=") {
+                return Err(format!("'{s}': expected file:PATH"));
+            }
+            return Ok(Incoming::File(PathBuf::from(path)));
+        }
+        let scheme = s.split(':').next().unwrap_or(s);
+        if ["tcp", "unix", "exec", "fd", "rdma", "vsock"].contains(&scheme) {
+            return Err(format!(
+                "'{s}': incoming migration over {scheme}: is not supported yet; \
+                 use file:PATH or defer"
+            ));
+        }
+        Err(format!("'{s}': expected file:PATH or defer"))
+    }
+}
+
+/// What the user said about the machine beside `--incoming`: each part given must agree with
+/// the saved VM's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// vCPUs, from the config file or --cpus.
+    pub vcpus: Option<u8>,
+    /// Memory, from the config file or --memory.
+    pub memory_mib: Option<u64>,
+    /// Disks, from the config file and --disk.
+    pub disks: Option<Vec<DiskConfig>>,
+}
+
+/// What to run: a VM to boot, or one to restore.
+#[derive(Debug)]
+pub struct Launch {
+    /// The configuration to boot, or (when restoring) the front doors of this process:
+    /// serial, api_socket, qmp, on_reboot.
+    pub config: VmConfig,
+    /// Where the state comes from, when restoring.
+    pub incoming: Option<Incoming>,
+    /// What the user said about the machine beside --incoming.
+    pub constraints: Constraints,
+    /// Keep the vCPUs stopped until resumed.
+    pub paused: bool,
+    /// --on-reboot was given (it then overrides the saved VM's).
+    pub on_reboot_given: bool,
 }
 
 /// Subcommands: tools that do not run a VM.
@@ -92,6 +165,61 @@ Config file schema (all fields optional except a kernel somewhere):
 On a terminal, Ctrl-A x quits. The guest powering off ends vmm with status 0.";
 
 impl Cli {
+    /// Reads the config file (if any) and applies the flags: a VM to boot (validated), or with
+    /// --incoming the front doors to restore a VM behind and the constraints it must meet.
+    pub fn into_launch(self, host_memory_mib: Option<u64>) -> Result<Launch, ConfigError> {
+        let paused = self.paused;
+        let on_reboot_given = self.on_reboot.is_some();
+        let Some(incoming) = self.incoming.clone() else {
+            return Ok(Launch {
+                config: self.into_config(host_memory_mib)?,
+                incoming: None,
+                constraints: Constraints::default(),
+                paused,
+                on_reboot_given,
+            });
+        };
+        let file = match &self.config {
+            Some(path) => Some(VmConfig::from_file(path)?),
+            None => None,
+        };
+        let mut constraints = Constraints {
+            vcpus: file.as_ref().map(|c| c.machine.vcpus),
+            memory_mib: file.as_ref().map(|c| c.machine.memory_mib),
+            disks: file.as_ref().map(|c| c.disks.clone()),
+        };
+        if let Some(n) = self.cpus {
+            constraints.vcpus = Some(n);
+        }
+        if let Some(m) = self.memory {
+            constraints.memory_mib = Some(m);
+        }
+        if !self.disk.is_empty() {
+            constraints
+                .disks
+                .get_or_insert_with(Vec::new)
+                .extend(self.disk.iter().cloned());
+        }
+        let mut doors = file.unwrap_or_default();
+        if let Some(s) = self.serial {
+            doors.serial = s;
+        }
+        if let Some(r) = self.on_reboot {
+            doors.on_reboot = r;
+        }
+        if let Some(p) = self.api_socket {
+            doors.api_socket = Some(p);
+        }
+        doors.qmp.extend(self.qmp);
+        Ok(Launch {
+            config: doors,
+            incoming: Some(incoming),
+            constraints,
+            paused,
+            on_reboot_given,
+        })
+    }
+
     /// Reads the config file (if any), applies the flags and validates the result.
     pub fn into_config(self, host_memory_mib: Option<u64>) -> Result<VmConfig, ConfigError> {
         let mut cfg = match &self.config {

@@ -15,6 +15,7 @@ use devices::interrupt::EventFdLine;
 use devices::serial::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::registry::{self, Device, DeviceRegistry, RegistryError};
 use crate::vm::{Vm, VmError};
 
 /// Errors creating the platform devices.
@@ -70,6 +71,21 @@ pub struct PlatformDevices {
     pub ged: Arc<Mutex<Ged>>,
     /// The RTC, whose update timer the event loop drives.
     pub cmos: Arc<Mutex<Cmos>>,
+    /// The i8042 controller.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI PM block.
+    pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+}
+
+impl PlatformDevices {
+    /// Registers every platform device under its fixed id.
+    pub fn register(&self, registry: &mut DeviceRegistry) -> Result<(), RegistryError> {
+        registry.insert(registry::COM1, Device::Serial(self.serial.clone()))?;
+        registry.insert(registry::I8042_ID, Device::I8042(self.i8042.clone()))?;
+        registry.insert(registry::RTC, Device::Rtc(self.cmos.clone()))?;
+        registry.insert(registry::ACPI_PM, Device::AcpiPm(self.acpi_pm.clone()))?;
+        registry.insert(registry::GED, Device::Ged(self.ged.clone()))
+    }
 }
 
 /// Builds COM1, the i8042, CMOS, the ACPI PM block and the GED for `vm`.
@@ -92,7 +108,7 @@ pub fn create_platform_devices(
     insert(
         &pio,
         "the i8042 controller",
-        i8042,
+        i8042.clone(),
         layout::I8042_DATA_PORT,
         5,
     )?;
@@ -111,7 +127,7 @@ pub fn create_platform_devices(
     insert(
         &pio,
         "the ACPI PM block",
-        pm,
+        pm.clone(),
         u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
         3,
     )?;
@@ -132,6 +148,8 @@ pub fn create_platform_devices(
         serial,
         ged,
         cmos,
+        i8042,
+        acpi_pm: pm,
     })
 }
 

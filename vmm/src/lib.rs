@@ -11,9 +11,12 @@ pub mod console;
 pub mod ctl;
 pub mod device_manager;
 pub mod img;
+pub mod incoming;
 pub mod kvm;
 pub mod pci;
+pub mod registry;
 pub mod runtime;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -32,6 +35,7 @@ use crate::builder::{build_vm, BuildError};
 use crate::console::{ConsoleError, SerialBackend};
 use crate::kvm::{Hypervisor, KvmError};
 use crate::runtime::{run_incarnation, Outcome, Shared};
+use crate::snapshot::Loaded;
 
 /// How long to wait for vCPU threads to leave `KVM_RUN` when stopping a VM.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +91,21 @@ pub enum VmmError {
     /// The kick signal could not be installed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A saved state could not be read.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+}
+
+impl VmmError {
+    /// Whether the error comes from what the user gave (a saved state that is malformed or
+    /// does not fit): such errors end the VMM with status 2, before any guest code ran.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            VmmError::Build(b) => b.is_bad_input(),
+            VmmError::Snapshot(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Checks that the configured kernel is a bzImage or ELF vmlinux before anything is set up, so
@@ -106,9 +125,27 @@ pub fn probe_kernel(cfg: &VmConfig) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Runs the VM `cfg` describes until the guest powers off (Ok) or something fails (Err).
-/// `cfg` must have passed `VmConfig::validate`.
-pub fn run(cfg: &VmConfig) -> Result<(), VmmError> {
+/// How the VM comes to be.
+pub enum Start {
+    /// Boot the configured kernel.
+    Boot,
+    /// Put a saved state back (`--incoming file:`); the configuration was merged already.
+    Restore(Box<Loaded>),
+    /// Wait for the control plane to name a state file (`--incoming defer`), which must meet
+    /// these constraints.
+    Defer {
+        /// What the user said about the machine.
+        constraints: cli::Constraints,
+        /// Whether --on-reboot was given.
+        on_reboot_given: bool,
+    },
+}
+
+/// Runs a VM until the guest powers off (Ok) or something fails (Err). `cfg` must have passed
+/// `VmConfig::validate` (booting) or be a restored VM's merged configuration; when deferring,
+/// only its front doors are used until a state arrives. `paused` keeps the vCPUs stopped until
+/// a resume.
+pub fn run(cfg: &VmConfig, start: Start, paused: bool) -> Result<(), VmmError> {
     let hv = Hypervisor::open()?;
     if usize::from(cfg.machine.vcpus) > hv.max_vcpus() {
         return Err(VmmError::TooManyVcpus {
@@ -120,6 +157,7 @@ pub fn run(cfg: &VmConfig) -> Result<(), VmmError> {
         eprintln!("vmm: {}", kvm::PVM_WARNING);
     }
     let cpuid = hv.supported_cpuid()?;
+    let msr_index = snapshot::cpu::saveable_msrs(hv.kvm()).unwrap_or_default();
     vcpu::install_kick_handler()?;
     let eventfd = || {
         EventFd::new(libc::EFD_NONBLOCK)
@@ -144,20 +182,47 @@ pub fn run(cfg: &VmConfig) -> Result<(), VmmError> {
         Some(path) => Some(ApiServer::start(path, controller.clone())?),
         None => None,
     };
+    let initial = match (&start, paused) {
+        (Start::Defer { .. }, _) => VmState::Incoming,
+        (_, true) => VmState::Paused,
+        (_, false) => VmState::Running,
+    };
     let shared = Shared {
         config: Arc::new(cfg.clone()),
         inbox: Rc::new(inbox),
+        migration: Rc::new(runtime::Migration::new(bus.clone())),
         bus,
-        state: Rc::new(Cell::new(VmState::Running)),
+        state: Rc::new(Cell::new(initial)),
         signal,
+        msr_index: Arc::new(msr_index),
     };
     let serial = SerialBackend::open(&cfg.serial)?;
-    let result = run_vm(&hv, &cpuid, cfg, &serial, &shared);
-    // Whoever still waits for an answer gets one; then the doors flush what they have queued
-    // (the SHUTDOWN event above all), close, and remove their socket files.
-    for req in shared.inbox.drain() {
-        (req.reply)(Err(ActionError::Unavailable));
-    }
+    let result = (|| {
+        let (restore, shared) = match start {
+            Start::Boot => (None, shared),
+            Start::Restore(loaded) => (Some(loaded), shared),
+            Start::Defer {
+                constraints,
+                on_reboot_given,
+            } => match incoming::wait(&shared, &constraints, on_reboot_given, paused)? {
+                Some((loaded, cfg)) => (
+                    Some(loaded),
+                    Shared {
+                        config: Arc::new(cfg),
+                        ..shared
+                    },
+                ),
+                None => return Ok(()),
+            },
+        };
+        let r = run_vm(&hv, &cpuid, &serial, &shared, restore);
+        for req in shared.inbox.drain() {
+            (req.reply)(Err(ActionError::Unavailable));
+        }
+        r
+    })();
+    // The doors flush what they have queued (the SHUTDOWN event above all), close, and remove
+    // their socket files.
     if let Some(qmp) = qmp {
         qmp.shutdown();
     }
@@ -167,17 +232,23 @@ pub fn run(cfg: &VmConfig) -> Result<(), VmmError> {
     result
 }
 
-/// Builds the VM and runs incarnation after incarnation (resets) until it shuts down.
+/// Builds the VM (from `restore` the first time, if given) and runs incarnation after
+/// incarnation (resets) until it shuts down.
 fn run_vm(
     hv: &Hypervisor,
     cpuid: &kvm_bindings::CpuId,
-    cfg: &VmConfig,
     serial: &SerialBackend,
     shared: &Shared,
+    mut restore: Option<Box<Loaded>>,
 ) -> Result<(), VmmError> {
+    let cfg = shared.config.clone();
     loop {
         let paused = shared.state.get() == VmState::Paused;
-        let running = build_vm(hv, cpuid, cfg, serial, paused)?;
+        let loaded = restore.take();
+        let running = build_vm(hv, cpuid, &cfg, serial, paused, loaded.as_deref())?;
+        // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
+        // own reference to the file).
+        drop(loaded);
         let outcome = match run_incarnation(running, serial, shared) {
             Ok(o) => o,
             Err(e) => {

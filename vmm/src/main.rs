@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
+use api::VmConfig;
 use clap::Parser;
-use vmm::cli::Cli;
+use vmm::cli::{Cli, Incoming, Launch};
+use vmm::Start;
 
 fn main() -> ExitCode {
     // Whatever happens, leave the user's terminal as we found it.
@@ -20,23 +22,67 @@ fn main() -> ExitCode {
     if let Some(vmm::cli::Command::Img(args)) = &cli.command {
         return vmm::img::run(args);
     }
-    let cfg = match cli.into_config(vmm::kvm::host_memory_mib()) {
-        Ok(cfg) => cfg,
+    let launch = match cli.into_launch(vmm::kvm::host_memory_mib()) {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = vmm::probe_kernel(&cfg) {
-        eprintln!("vmm: error: {e}");
-        return ExitCode::from(2);
-    }
-    match vmm::run(&cfg) {
+    let paused = launch.paused;
+    let (cfg, start) = match prepare(launch) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vmm::run(&cfg, start, paused) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The console backend (and with it the terminal mode) was restored on the way out.
             eprintln!("vmm: error: {e}");
-            ExitCode::FAILURE
+            if e.is_bad_input() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
+    }
+}
+
+/// Checks the input before anything starts: the kernel to boot, or the state to restore and
+/// the configuration it will run with.
+fn prepare(launch: Launch) -> Result<(VmConfig, Start), Box<dyn std::error::Error>> {
+    let Launch {
+        config,
+        incoming,
+        constraints,
+        on_reboot_given,
+        ..
+    } = launch;
+    match incoming {
+        None => {
+            vmm::probe_kernel(&config)?;
+            Ok((config, Start::Boot))
+        }
+        Some(Incoming::File(path)) => {
+            let loaded = vmm::snapshot::load(&path)?;
+            let cfg = vmm::snapshot::merge_config(
+                &loaded.config,
+                &config,
+                &constraints,
+                on_reboot_given,
+            )?;
+            vmm::snapshot::check_disks(&cfg)?;
+            Ok((cfg, Start::Restore(Box::new(loaded))))
+        }
+        Some(Incoming::Defer) => Ok((
+            config,
+            Start::Defer {
+                constraints,
+                on_reboot_given,
+            },
+        )),
     }
 }

@@ -25,6 +25,9 @@ use virtio::transport::VirtioPciDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::lock;
+use crate::registry::{self, Device, DeviceRegistry, DeviceState, RegistryError};
+use devices::pci::{PciConfigIoState, PciRootState};
+use devices::persist::{Persist, RestoreError};
 
 /// GSIs below this belong to the IOAPIC pins; MSI vectors get the ones above.
 const FIRST_MSI_GSI: u32 = 24;
@@ -54,6 +57,9 @@ pub enum PciWiringError {
     /// The KVM GSI space is exhausted.
     #[error("PCI: out of interrupt GSIs")]
     OutOfGsis,
+    /// A device did not take its saved state.
+    #[error("cannot restore the VM: {0}")]
+    Restore(#[source] RegistryError),
 }
 
 fn kvm_io(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> PciWiringError {
@@ -224,20 +230,73 @@ impl BarMoveHandler for BarMover {
 
 /// The PCI side of a VM incarnation.
 pub struct PciSystem {
-    /// The virtio-pci devices, to be driven by the event loop.
-    pub devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The virtio-pci devices by id, to be driven by the event loop.
+    pub devices: Vec<(String, Arc<Mutex<VirtioPciDevice>>)>,
+    /// The root complex.
+    pub root: PciSystemRoot,
     /// What the ACPI tables must describe.
     pub host: PciHostConfig,
 }
 
-/// Puts the root complex on the buses and plugs each virtio device into it.
+impl PciSystem {
+    /// Registers the root complex and every virtio device under its id.
+    pub fn register(&self, registry: &mut DeviceRegistry) -> Result<(), RegistryError> {
+        registry.insert(registry::PCI_ROOT, Device::PciRoot(self.root.clone()))?;
+        for (id, dev) in &self.devices {
+            registry.insert(id.clone(), Device::Virtio(dev.clone()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The root complex and the port-I/O configuration mechanism in front of it.
+#[derive(Clone)]
+pub struct PciSystemRoot {
+    root: Arc<Mutex<PciRoot>>,
+    config_io: Arc<Mutex<PciConfigIo>>,
+}
+
+/// The saved state of the root complex.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciRootComplexState {
+    /// The host bridge.
+    pub root: PciRootState,
+    /// The 0xCF8 address register.
+    pub config_io: PciConfigIoState,
+}
+
+impl PciSystemRoot {
+    /// The root's state.
+    pub fn save(&self) -> PciRootComplexState {
+        PciRootComplexState {
+            root: lock(&self.root).save(),
+            config_io: lock(&self.config_io).save(),
+        }
+    }
+
+    /// Puts a saved state back.
+    pub fn restore(&self, state: &PciRootComplexState) -> Result<(), RestoreError> {
+        lock(&self.root)
+            .restore(&state.root)
+            .map_err(|e| e.within("root"))?;
+        lock(&self.config_io)
+            .restore(&state.config_io)
+            .map_err(|e| e.within("config_io"))
+    }
+}
+
+/// Puts the root complex on the buses and plugs each virtio device into it. With `saved`
+/// (a restore), each virtio device takes its saved state, found by id, before its BARs are
+/// mapped where the state says.
 pub fn create_pci(
     vm: &Arc<VmFd>,
     mem: &vm_memory::GuestMemoryMmap,
     memory_bytes: u64,
     pio: &Bus,
     mmio: &Arc<Bus>,
-    virtio_devices: Vec<Box<dyn virtio::VirtioDevice>>,
+    virtio_devices: Vec<(String, Box<dyn virtio::VirtioDevice>)>,
+    saved: Option<&BTreeMap<String, DeviceState>>,
 ) -> Result<PciSystem, PciWiringError> {
     let host = PciHostConfig::new(memory_bytes, 1 << 36);
     let mover = Arc::new(BarMover {
@@ -246,8 +305,9 @@ pub fn create_pci(
         devices: Mutex::new(HashMap::new()),
     });
     let root = Arc::new(Mutex::new(PciRoot::new(Some(mover.clone()))));
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
     pio.insert(
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        config_io.clone(),
         u64::from(devices::pci::root::PCI_CONFIG_IO_PORT),
         u64::from(devices::pci::root::PCI_CONFIG_IO_LEN),
     )?;
@@ -262,11 +322,24 @@ pub fn create_pci(
     )?;
     let router = Arc::new(Mutex::new(GsiRouter::new(vm.clone(), 1024)));
     let mut out = Vec::with_capacity(virtio_devices.len());
-    for device in virtio_devices {
+    for (id, device) in virtio_devices {
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
         let msi = Arc::new(KvmMsiGroup::new(&router, vm, vectors)?);
         let dev = Arc::new(Mutex::new(VirtioPciDevice::new(device, mem.clone(), msi)?));
-        let bars = lock(&dev).allocate_bars(&mut alloc)?;
+        lock(&dev).allocate_bars(&mut alloc)?;
+        if let Some(states) = saved {
+            let state = match states.get(&id) {
+                Some(DeviceState::Virtio(st)) => st,
+                Some(_) | None => return Err(PciWiringError::Restore(RegistryError::Missing(id))),
+            };
+            lock(&dev).restore(state).map_err(|source| {
+                PciWiringError::Restore(RegistryError::Restore {
+                    id: id.clone(),
+                    source,
+                })
+            })?;
+        }
+        let bars = lock(&dev).bar_regions();
         for bar in &bars {
             mmio.insert(dev.clone(), bar.base, bar.size)?;
             for (addr, _, evt) in lock(&dev).ioeventfds(bar.base) {
@@ -276,7 +349,11 @@ pub fn create_pci(
         }
         let bdf = lock(&root).add_device(dev.clone())?;
         lock(&mover.devices).insert(bdf, dev.clone());
-        out.push(dev);
+        out.push((id, dev));
     }
-    Ok(PciSystem { devices: out, host })
+    Ok(PciSystem {
+        devices: out,
+        root: PciSystemRoot { root, config_io },
+        host,
+    })
 }

@@ -5,12 +5,16 @@
 //! the i8042, or KVM system events), a vCPU failing, a control action, a signal, `Ctrl-A x` —
 //! arrives here as an fd event and becomes one [`Outcome`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use api::action::{
+    MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats,
+};
 use api::controller::{ControllerInbox, EventBus};
 use api::{
     ActionError, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState,
@@ -48,6 +52,62 @@ pub struct Shared {
     pub state: Rc<Cell<VmState>>,
     /// Written by the termination signal handler.
     pub signal: Arc<EventFd>,
+    /// The last migration or snapshot, and the migration capabilities.
+    pub migration: Rc<Migration>,
+    /// The MSRs KVM can save on this host.
+    pub msr_index: Arc<Vec<u32>>,
+}
+
+/// The last migration or snapshot (for `query-migrate`) and the migration capabilities; kept
+/// for the process's life, across VM resets.
+pub struct Migration {
+    info: RefCell<MigrationInfo>,
+    events: Cell<bool>,
+    bus: EventBus,
+}
+
+impl Migration {
+    /// No migration yet, events off.
+    pub fn new(bus: EventBus) -> Migration {
+        Migration {
+            info: RefCell::new(MigrationInfo::default()),
+            events: Cell::new(false),
+            bus,
+        }
+    }
+
+    /// Records a status change and publishes it when the `events` capability is on.
+    pub fn set(&self, info: MigrationInfo) {
+        let status = info.status;
+        *self.info.borrow_mut() = info;
+        if self.events.get() {
+            self.bus.publish(VmEvent::Migration(status));
+        }
+    }
+
+    /// Answers the migration queries and capability settings, the same in every state.
+    pub fn action(&self, action: &VmmAction) -> Option<VmmResponse> {
+        match action {
+            VmmAction::QueryMigrate => {
+                Some(VmmResponse::Migration(Box::new(self.info.borrow().clone())))
+            }
+            VmmAction::SetMigrationCapabilities(caps) => {
+                for c in caps {
+                    match c.capability {
+                        MigrationCapability::Events => self.events.set(c.state),
+                    }
+                }
+                Some(VmmResponse::Done)
+            }
+            VmmAction::GetMigrationCapabilities => Some(VmmResponse::MigrationCapabilities(vec![
+                MigrationCapabilityState {
+                    capability: MigrationCapability::Events,
+                    state: self.events.get(),
+                },
+            ])),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the event loop of one VM incarnation until it ends, then stops its vCPUs.
@@ -75,6 +135,8 @@ pub fn run_incarnation(
         bus: shared.bus.clone(),
         state: shared.state.clone(),
         signal: shared.signal.clone(),
+        migration: shared.migration.clone(),
+        msr_index: shared.msr_index.clone(),
     };
     let control_id = em.add_subscriber(Box::new(control));
     em.add_subscriber(Box::new(rtc));
@@ -113,6 +175,8 @@ struct Control {
     bus: EventBus,
     state: Rc<Cell<VmState>>,
     signal: Arc<EventFd>,
+    migration: Rc<Migration>,
+    msr_index: Arc<Vec<u32>>,
 }
 
 const EV_EXIT: u32 = 0;
@@ -204,8 +268,117 @@ impl Control {
                 self.state.set(next);
                 self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostQmpQuit)));
             }
+            VmmAction::Snapshot { path } => {
+                self.snapshot(path, state).map_err(failed)?;
+                self.state.set(next);
+            }
+            VmmAction::QueryMigrate
+            | VmmAction::SetMigrationCapabilities(_)
+            | VmmAction::GetMigrationCapabilities => {
+                return self
+                    .migration
+                    .action(action)
+                    .ok_or_else(|| failed("unknown migration action".into()));
+            }
+            // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
+            // here, and this arm keeps it so.
+            VmmAction::Restore { .. } => {
+                return Err(ActionError::InvalidState {
+                    action: action.name(),
+                    state,
+                })
+            }
         }
         Ok(VmmResponse::Done)
+    }
+
+    /// Saves the VM to `path` (QMP `migrate "file:..."`): stops the vCPUs, lets the devices
+    /// finish their work and flush, takes every state, writes the file. The VM stays paused
+    /// afterwards; on failure it runs again if it was running.
+    fn snapshot(&mut self, path: &Path, state: VmState) -> Result<(), String> {
+        let started = Instant::now();
+        let was_running = state == VmState::Running;
+        self.migration.set(MigrationInfo {
+            status: MigrationStatus::Setup,
+            ..Default::default()
+        });
+        let result = self.write_snapshot(path, was_running, started);
+        match result {
+            Ok(info) => {
+                self.migration.set(info);
+                Ok(())
+            }
+            Err(reason) => {
+                if was_running && self.state.get() == VmState::Running {
+                    // The vCPUs were stopped for the save: let them go again.
+                    self.vm.control.resume();
+                    self.bus.publish(VmEvent::Resume);
+                }
+                self.migration.set(MigrationInfo {
+                    status: MigrationStatus::Failed,
+                    error_desc: Some(reason.clone()),
+                    ..Default::default()
+                });
+                Err(reason)
+            }
+        }
+    }
+
+    fn write_snapshot(
+        &mut self,
+        path: &Path,
+        was_running: bool,
+        started: Instant,
+    ) -> Result<MigrationInfo, String> {
+        let stopped = Instant::now();
+        if was_running {
+            if !self.vm.control.pause(&self.vm.threads, PAUSE_TIMEOUT) {
+                return Err("the vCPUs did not stop in time".into());
+            }
+            self.bus.publish(VmEvent::Stop);
+        }
+        let setup = started.elapsed();
+        self.migration.set(MigrationInfo {
+            status: MigrationStatus::Active,
+            setup_time_ms: Some(setup.as_millis() as u64),
+            ..Default::default()
+        });
+        for (id, dev) in self.vm.registry.virtio() {
+            lock(dev)
+                .quiesce()
+                .map_err(|e| format!("device `{id}`: cannot flush: {e}"))?;
+        }
+        let vcpus = self
+            .vm
+            .control
+            .collect_states(self.msr_index.clone(), PAUSE_TIMEOUT)?;
+        let vm = crate::snapshot::cpu::save_vm(self.vm.vm.fd()).map_err(|e| e.to_string())?;
+        let devices = self.vm.registry.save();
+        let machine = crate::snapshot::MachineState { vcpus, vm, devices };
+        let write_started = Instant::now();
+        let stats =
+            crate::snapshot::save_to_file(path, &self.config, &machine, self.vm.vm.memory())
+                .map_err(|e| e.to_string())?;
+        let write_secs = write_started.elapsed().as_secs_f64().max(1e-6);
+        let transferred = stats.data_pages * crate::snapshot::format::PAGE_SIZE;
+        Ok(MigrationInfo {
+            status: MigrationStatus::Completed,
+            total_time_ms: Some(started.elapsed().as_millis() as u64),
+            setup_time_ms: Some(setup.as_millis() as u64),
+            downtime_ms: Some(stopped.elapsed().as_millis() as u64),
+            ram: Some(RamStats {
+                transferred,
+                remaining: 0,
+                total: stats.total,
+                duplicate: stats.zero_pages,
+                normal: stats.data_pages,
+                normal_bytes: transferred,
+                mbps: transferred as f64 * 8.0 / 1e6 / write_secs,
+                pages_per_second: ((stats.data_pages + stats.zero_pages) as f64 / write_secs)
+                    as u64,
+            }),
+            error_desc: None,
+        })
     }
 }
 

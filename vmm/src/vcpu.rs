@@ -17,6 +17,8 @@ use devices::bus::Bus;
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::snapshot::cpu::{CpuStateError, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
@@ -64,6 +66,14 @@ pub enum VcpuError {
         set: usize,
         /// How many we gave.
         wanted: usize,
+    },
+    /// A saved state could not be put into the vCPU.
+    #[error("cannot restore vCPU {id}: {source}")]
+    Restore {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        source: CpuStateError,
     },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -115,6 +125,16 @@ struct ControlState {
     request: Request,
     /// vCPU threads currently parked by a pause request.
     parked: usize,
+    /// A state collection in progress: parked vCPUs each fill their slot.
+    save: Option<SaveJob>,
+}
+
+/// Parked vCPU threads read their own state (KVM wants vCPU ioctls from a thread that is not
+/// in `KVM_RUN`; the owning thread is the simplest such thread).
+#[derive(Debug)]
+struct SaveJob {
+    msr_index: Arc<Vec<u32>>,
+    results: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Run state shared by the VMM thread and all vCPU threads of one VM: the VMM sets a request,
@@ -137,6 +157,7 @@ impl VcpuControl {
             state: Mutex::new(ControlState {
                 request: if paused { Request::Pause } else { Request::Run },
                 parked: 0,
+                save: None,
             }),
             changed: Condvar::new(),
             thread_ids: (0..count).map(|_| AtomicI32::new(0)).collect(),
@@ -197,9 +218,58 @@ impl VcpuControl {
         }
     }
 
-    /// Called by a vCPU thread before each guest entry: parks while paused, and says whether
-    /// to keep running (false: stop).
-    fn obey(&self) -> bool {
+    /// Reads the state of every vCPU of a paused VM (see [`VcpuControl::pause`]): each parked
+    /// thread reads its own. Fails if a vCPU thread is gone or does not answer in `timeout`.
+    pub fn collect_states(
+        &self,
+        msr_index: Arc<Vec<u32>>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        let n = self.thread_ids.len();
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        if st.request != Request::Pause {
+            return Err("the vCPUs are not paused".into());
+        }
+        st.save = Some(SaveJob {
+            msr_index,
+            results: (0..n).map(|_| None).collect(),
+        });
+        self.changed.notify_all();
+        loop {
+            let done = st
+                .save
+                .as_ref()
+                .is_some_and(|j| j.results.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.save = None;
+                return Err("a vCPU did not report its state in time".into());
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let job = st.save.take().ok_or("the state collection was cancelled")?;
+        job.results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| match r {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i} did not report")),
+            })
+            .collect()
+    }
+
+    /// Called by a vCPU thread before each guest entry: parks while paused (reading its state
+    /// when asked), and says whether to keep running (false: stop).
+    fn obey(&self, id: u8, fd: &VcpuFd) -> bool {
         if !self.attention.load(Ordering::SeqCst) {
             return true;
         }
@@ -208,6 +278,16 @@ impl VcpuControl {
             st.parked += 1;
             self.changed.notify_all();
             while st.request == Request::Pause {
+                let slot = usize::from(id);
+                if let Some(job) = st.save.as_mut() {
+                    if job.results.get(slot).is_some_and(Option::is_none) {
+                        let state = crate::snapshot::cpu::save_vcpu(fd, id, &job.msr_index)
+                            .map_err(|e| e.to_string());
+                        job.results[slot] = Some(state);
+                        self.changed.notify_all();
+                        continue;
+                    }
+                }
                 st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
             st.parked -= 1;
@@ -296,6 +376,18 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
+    /// Creates vCPU `state.id` and puts a saved state into it (instead of a boot setup).
+    pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<Vcpu, VcpuError> {
+        let id = state.id;
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        crate::snapshot::cpu::restore_vcpu(&fd, state)
+            .map_err(|source| VcpuError::Restore { id, source })?;
+        crate::snapshot::cpu::notify_paused(&fd);
+        Ok(Vcpu { id, fd })
+    }
+
     /// Starts the vCPU's thread.
     pub fn start(self, shared: VcpuShared) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
@@ -316,7 +408,7 @@ impl Vcpu {
 
     fn run(mut self, shared: &VcpuShared) -> VcpuExitReason {
         loop {
-            if !shared.control.obey() {
+            if !shared.control.obey(self.id, &self.fd) {
                 return VcpuExitReason::Stopped;
             }
             match self.fd.run() {

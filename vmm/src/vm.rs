@@ -60,12 +60,18 @@ impl Vm {
     /// Creates the VM, maps `memory_mib` of guest RAM laid out around the 32-bit MMIO hole, and
     /// creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.
     pub fn new(hv: &Hypervisor, memory_mib: u64) -> Result<Vm, VmError> {
-        let fd = hv.kvm().create_vm().map_err(VmError::Create)?;
         let regions = boot::layout::ram_regions(memory_mib << 20);
         let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|source| VmError::Memory {
             mib: memory_mib,
             source,
         })?;
+        Self::with_memory(hv, memory)
+    }
+
+    /// Creates the VM around guest RAM that is already mapped (a restored VM's), and creates
+    /// the in-kernel PIC/IOAPIC/LAPICs and the PIT.
+    pub fn with_memory(hv: &Hypervisor, memory: GuestMemoryMmap) -> Result<Vm, VmError> {
+        let fd = hv.kvm().create_vm().map_err(VmError::Create)?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))

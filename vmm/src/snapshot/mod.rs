@@ -1,0 +1,307 @@
+//! VM state: saving a paused VM (configuration, vCPUs, in-kernel VM state, every device by id,
+//! guest RAM) into one versioned stream ([`format`]), and loading it back, checked like any
+//! guest input, into a new process.
+//!
+//! A snapshot file is written next to its destination and renamed into place when complete, so
+//! a reader never sees half a file, and a VM restored from an earlier file at the same path
+//! (whose memory maps that file) keeps its own copy.
+
+pub mod cpu;
+pub mod format;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek};
+use std::path::{Path, PathBuf};
+
+use api::VmConfig;
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use crate::cli::Constraints;
+use crate::registry::DeviceState;
+use cpu::{VcpuState, VmKvmState};
+use format::{FormatError, MemStats, MemoryLayout};
+
+/// Everything about a VM that is not its configuration or its RAM.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineState {
+    /// One per vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The in-kernel irqchip, PIT and clock.
+    pub vm: VmKvmState,
+    /// Every device's state, by device id.
+    pub devices: BTreeMap<String, DeviceState>,
+}
+
+/// Errors saving or loading VM state.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file could not be opened.
+    #[error("{path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The stream is not valid.
+    #[error("{path}: {source}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// The saved configuration is not valid.
+    #[error("{path}: the saved VM configuration is invalid: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The saved machine state is not valid.
+    #[error("{path}: the saved VM state is invalid: {reason}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The state does not fit what this process was told.
+    #[error("--incoming: {0}")]
+    Mismatch(String),
+    /// Writing the state failed.
+    #[error("cannot write the VM state to {path}: {reason}")]
+    Write {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A state file that was read and checked, ready to be restored.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Where it came from.
+    pub path: PathBuf,
+    /// The open file (guest memory maps it).
+    pub file: File,
+    /// The saved VM's configuration.
+    pub config: VmConfig,
+    /// vCPU, VM and device state.
+    pub state: MachineState,
+    /// Where guest RAM is in the file.
+    pub memory: MemoryLayout,
+}
+
+/// Reads and checks a state file: header, checksums, configuration, state, memory layout and
+/// length. Guest RAM itself is left in the file, to be mapped.
+pub fn load(path: &Path) -> Result<Loaded, SnapshotError> {
+    let open_err = |source| SnapshotError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.is_file() {
+        return Err(open_err(std::io::Error::other("not a regular file")));
+    }
+    let parsed = format::parse(&mut file, meta.len()).map_err(|source| SnapshotError::Format {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (config, state) = decode(path, &parsed.config, &parsed.state)?;
+    memory::check_layout(&parsed.memory, config.machine.memory_mib).map_err(|e| {
+        SnapshotError::State {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        file,
+        config,
+        state,
+        memory: parsed.memory,
+    })
+}
+
+/// Runs every check [`load`] makes on a stream held in memory (the fuzz target's entry).
+pub fn check_bytes(bytes: &[u8]) -> Result<(VmConfig, MachineState), SnapshotError> {
+    let path = Path::new("<memory>");
+    let mut cursor = std::io::Cursor::new(bytes);
+    let parsed =
+        format::parse(&mut cursor, bytes.len() as u64).map_err(|source| SnapshotError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (config, state) = decode(path, &parsed.config, &parsed.state)?;
+    memory::check_layout(&parsed.memory, config.machine.memory_mib).map_err(|e| {
+        SnapshotError::State {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok((config, state))
+}
+
+/// Parses and cross-checks the configuration and state sections.
+pub fn decode(
+    path: &Path,
+    config: &[u8],
+    state: &[u8],
+) -> Result<(VmConfig, MachineState), SnapshotError> {
+    let text = std::str::from_utf8(config).map_err(|_| SnapshotError::Config {
+        path: path.to_path_buf(),
+        reason: "not UTF-8".into(),
+    })?;
+    let config = VmConfig::from_json(text, path).map_err(|e| SnapshotError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    config
+        .validate_restored(None)
+        .map_err(|e| SnapshotError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let state: MachineState = serde_json::from_slice(state).map_err(|e| SnapshotError::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let bad = |reason: String| SnapshotError::State {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if state.vcpus.len() != usize::from(config.machine.vcpus) {
+        return Err(bad(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            config.machine.vcpus
+        )));
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        cpu::validate_vcpu(v, i as u8).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok((config, state))
+}
+
+/// The configuration a restored VM runs with: the saved one, with this process's front doors
+/// (serial, API socket, QMP, and on_reboot when given), after checking that whatever the user
+/// said about the machine agrees with it.
+pub fn merge_config(
+    saved: &VmConfig,
+    doors: &VmConfig,
+    constraints: &Constraints,
+    on_reboot_given: bool,
+) -> Result<VmConfig, SnapshotError> {
+    if let Some(n) = constraints.vcpus {
+        if n != saved.machine.vcpus {
+            return Err(SnapshotError::Mismatch(format!(
+                "the saved VM has {} vCPUs, the configuration says {n}",
+                saved.machine.vcpus
+            )));
+        }
+    }
+    if let Some(m) = constraints.memory_mib {
+        if m != saved.machine.memory_mib {
+            return Err(SnapshotError::Mismatch(format!(
+                "the saved VM has {} MiB of memory, the configuration says {m} MiB",
+                saved.machine.memory_mib
+            )));
+        }
+    }
+    if let Some(disks) = &constraints.disks {
+        if disks.len() != saved.disks.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the saved VM has {} disks, the configuration has {}",
+                saved.disks.len(),
+                disks.len()
+            )));
+        }
+        for (i, (a, b)) in saved.disks.iter().zip(disks).enumerate() {
+            if a.path != b.path || a.format != b.format || a.read_only != b.read_only {
+                return Err(SnapshotError::Mismatch(format!(
+                    "disk {i}: the saved VM has {} ({:?}{}), the configuration has {} ({:?}{})",
+                    a.path.display(),
+                    a.format,
+                    if a.read_only { ", read-only" } else { "" },
+                    b.path.display(),
+                    b.format,
+                    if b.read_only { ", read-only" } else { "" },
+                )));
+            }
+        }
+    }
+    let mut cfg = saved.clone();
+    cfg.serial = doors.serial.clone();
+    cfg.api_socket = doors.api_socket.clone();
+    cfg.qmp = doors.qmp.clone();
+    if on_reboot_given {
+        cfg.on_reboot = doors.on_reboot;
+    }
+    Ok(cfg)
+}
+
+/// Checks that every disk image of a restored VM is there, before anything is started.
+pub fn check_disks(cfg: &VmConfig) -> Result<(), SnapshotError> {
+    for (i, d) in cfg.disks.iter().enumerate() {
+        if let Err(e) = std::fs::metadata(&d.path) {
+            return Err(SnapshotError::Mismatch(format!(
+                "disk `{}`: cannot open {}: {e}",
+                cfg.disk_id(i),
+                d.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete state file at `path` (through a temporary file in the same directory,
+/// renamed into place when complete).
+pub fn save_to_file(
+    path: &Path,
+    config: &VmConfig,
+    state: &MachineState,
+    mem: &GuestMemoryMmap,
+) -> Result<MemStats, SnapshotError> {
+    let err = |reason: String| SnapshotError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let config = serde_json::to_vec(config).map_err(|e| err(e.to_string()))?;
+    let state = serde_json::to_vec(state).map_err(|e| err(e.to_string()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| err("the path names no file".into()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| err(e.to_string()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let stats =
+            format::write_stream(&mut w, &config, &state, mem).map_err(|e| err(e.to_string()))?;
+        let end = w.stream_position().map_err(|e| err(e.to_string()))?;
+        let file = w.into_inner().map_err(|e| err(e.error().to_string()))?;
+        // Zero pages at the very end were skipped: give the file its whole length.
+        file.set_len(end).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+        Ok(stats)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
