@@ -111,7 +111,31 @@ pub fn load(path: &Path) -> Result<Loaded, SnapshotError> {
     if !meta.is_file() {
         return Err(open_err(std::io::Error::other("not a regular file")));
     }
-    let parsed = format::parse(&mut file, meta.len()).map_err(|source| SnapshotError::Format {
+    let (config, state, memory) = check_stream(path, &mut file, meta.len())?;
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        file,
+        config,
+        state,
+        memory,
+    })
+}
+
+/// Runs every check [`load`] makes on a stream held in memory (the fuzz target's entry).
+pub fn check_bytes(bytes: &[u8]) -> Result<(VmConfig, MachineState), SnapshotError> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let (config, state, _) = check_stream(Path::new("<memory>"), &mut cursor, bytes.len() as u64)?;
+    Ok((config, state))
+}
+
+/// Parses a stream of `len` bytes and checks its metadata, configuration, state and memory
+/// layout; `path` names it in errors.
+fn check_stream<R: std::io::Read + Seek>(
+    path: &Path,
+    r: &mut R,
+    len: u64,
+) -> Result<(VmConfig, MachineState, MemoryLayout), SnapshotError> {
+    let parsed = format::parse(r, len).map_err(|source| SnapshotError::Format {
         path: path.to_path_buf(),
         source,
     })?;
@@ -122,32 +146,7 @@ pub fn load(path: &Path) -> Result<Loaded, SnapshotError> {
             reason: e.to_string(),
         }
     })?;
-    Ok(Loaded {
-        path: path.to_path_buf(),
-        file,
-        config,
-        state,
-        memory: parsed.memory,
-    })
-}
-
-/// Runs every check [`load`] makes on a stream held in memory (the fuzz target's entry).
-pub fn check_bytes(bytes: &[u8]) -> Result<(VmConfig, MachineState), SnapshotError> {
-    let path = Path::new("<memory>");
-    let mut cursor = std::io::Cursor::new(bytes);
-    let parsed =
-        format::parse(&mut cursor, bytes.len() as u64).map_err(|source| SnapshotError::Format {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let (config, state) = decode(path, &parsed.config, &parsed.state)?;
-    memory::check_layout(&parsed.memory, config.machine.memory_mib).map_err(|e| {
-        SnapshotError::State {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
-    })?;
-    Ok((config, state))
+    Ok((config, state, parsed.memory))
 }
 
 /// Parses and cross-checks the configuration and state sections.

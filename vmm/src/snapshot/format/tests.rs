@@ -4,12 +4,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 
-fn memory() -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[
+fn empty_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), 64 << 10),
         (GuestAddress(1 << 20), 32 << 10),
     ])
-    .unwrap();
+    .unwrap()
+}
+
+fn memory() -> GuestMemoryMmap {
+    let mem = empty_memory();
     mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
     mem.write_slice(&[0xaa; 4096], GuestAddress((1 << 20) + 0x3000))
         .unwrap();
@@ -53,11 +57,7 @@ fn round_trip_lazy_layout_and_eager_read() {
     let mut r = Cursor::new(&bytes);
     let (_, _, layout) = parse_metadata(&mut r).unwrap();
     r.set_position(layout.data_offset);
-    let fresh = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 64 << 10),
-        (GuestAddress(1 << 20), 32 << 10),
-    ])
-    .unwrap();
+    let fresh = empty_memory();
     read_memory(&mut r, &layout, &fresh).unwrap();
     let mut buf = [0u8; 5];
     fresh.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
@@ -105,11 +105,7 @@ fn a_flipped_byte_in_memory_is_caught_when_read_eagerly() {
     let mut r = Cursor::new(&bytes);
     let (_, _, layout) = parse_metadata(&mut r).unwrap();
     r.set_position(layout.data_offset);
-    let fresh = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 64 << 10),
-        (GuestAddress(1 << 20), 32 << 10),
-    ])
-    .unwrap();
+    let fresh = empty_memory();
     assert!(matches!(
         read_memory(&mut r, &layout, &fresh),
         Err(FormatError::Checksum(_))
