@@ -348,7 +348,8 @@ impl VmConfig {
 
     /// Like [`VmConfig::validate`] for a configuration that came with a saved VM state: the
     /// kernel and initrd are already in the saved memory, so their files need not exist (they
-    /// are read again only if the restored guest reboots).
+    /// are read again only if the restored guest reboots), and the disk images are checked by
+    /// the restore itself, which says that a restored VM needs its images.
     pub fn validate_restored(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
         self.validate_inner(host_memory_mib, false)
     }
@@ -419,7 +420,7 @@ impl VmConfig {
         for ep in &self.qmp {
             ep.validate()?;
         }
-        self.validate_disks()
+        self.validate_disks(check_boot_files)
     }
 
     /// The id of disk `i`: its own, or `disk<i>`.
@@ -430,7 +431,8 @@ impl VmConfig {
             .unwrap_or_else(|| format!("disk{i}"))
     }
 
-    fn validate_disks(&self) -> Result<(), ConfigError> {
+    /// Checks the disks' ids and serials, and (with `check_files`) that their images exist.
+    fn validate_disks(&self, check_files: bool) -> Result<(), ConfigError> {
         let mut ids = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             let id = self.disk_id(i);
@@ -454,6 +456,9 @@ impl VmConfig {
                         format!("`{serial}` is longer than {DISK_SERIAL_MAX} bytes"),
                     ));
                 }
+            }
+            if !check_files {
+                continue;
             }
             let meta = std::fs::metadata(&d.path).map_err(|e| {
                 invalid(

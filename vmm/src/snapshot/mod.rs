@@ -74,6 +74,19 @@ pub enum SnapshotError {
     /// The state does not fit what this process was told.
     #[error("--incoming: {0}")]
     Mismatch(String),
+    /// A disk image of the saved VM is not there.
+    #[error(
+        "disk `{id}`: cannot open {}: {source} (a restored VM opens the images it had)",
+        path.display()
+    )]
+    Disk {
+        /// The disk's id.
+        id: String,
+        /// Its image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Writing the state failed.
     #[error("cannot write the VM state to {path}: {reason}")]
     Write {
@@ -250,12 +263,16 @@ pub fn merge_config(
 /// Checks that every disk image of a restored VM is there, before anything is started.
 pub fn check_disks(cfg: &VmConfig) -> Result<(), SnapshotError> {
     for (i, d) in cfg.disks.iter().enumerate() {
-        if let Err(e) = std::fs::metadata(&d.path) {
-            return Err(SnapshotError::Mismatch(format!(
-                "disk `{}`: cannot open {}: {e}",
-                cfg.disk_id(i),
-                d.path.display()
-            )));
+        let found = std::fs::metadata(&d.path).and_then(|m| match m.is_dir() {
+            true => Err(std::io::Error::other("it is a directory")),
+            false => Ok(()),
+        });
+        if let Err(e) = found {
+            return Err(SnapshotError::Disk {
+                id: cfg.disk_id(i),
+                path: d.path.clone(),
+                source: e,
+            });
         }
     }
     Ok(())
