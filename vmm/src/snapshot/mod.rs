@@ -141,6 +141,23 @@ pub fn check_bytes(bytes: &[u8]) -> Result<(VmConfig, MachineState), SnapshotErr
     Ok((config, state))
 }
 
+/// Checks the metadata at the head of a stream (everything up to guest RAM) as [`load`] does:
+/// the fuzz target's way past the length check to the configuration and state parsers.
+pub fn check_metadata(bytes: &[u8]) -> Result<(VmConfig, MachineState), SnapshotError> {
+    let path = Path::new("<memory>");
+    let (config, state, layout) =
+        format::parse_metadata(&mut &bytes[..]).map_err(|source| SnapshotError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (config, state) = decode(path, &config, &state)?;
+    memory::check_layout(&layout, config.machine.memory_mib).map_err(|e| SnapshotError::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok((config, state))
+}
+
 /// Parses a stream of `len` bytes and checks its metadata, configuration, state and memory
 /// layout; `path` names it in errors.
 fn check_stream<R: std::io::Read + Seek>(
