@@ -243,7 +243,8 @@ fn run_vm(
 ) -> Result<(), VmmError> {
     let cfg = shared.config.clone();
     loop {
-        let paused = shared.state.get() == VmState::Paused;
+        // A reset keeps a stopped VM stopped (paused, or paused after a snapshot), as QEMU does.
+        let paused = matches!(shared.state.get(), VmState::Paused | VmState::PostMigrate);
         let loaded = restore.take();
         let running = build_vm(hv, cpuid, &cfg, serial, paused, loaded.as_deref())?;
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
