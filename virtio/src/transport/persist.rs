@@ -9,9 +9,10 @@
 //! device (queue count and sizes, offered features, PCI identity and BARs, vector count, the
 //! device's backend); only then is anything applied. A device that was running is activated
 //! again through the same path as the driver's DRIVER_OK, with queues that continue from the
-//! saved `next_avail` / `next_used`, and each of its queues is processed once, since a
-//! notification may have been lost while the snapshot was taken. Guest memory must therefore
-//! hold the snapshot's contents before restore.
+//! saved `next_avail` / `next_used`. A notification lost while the snapshot was taken is
+//! replayed by the VMM with [`VirtioPciDevice::kick_queues`] once the vCPUs exist (restore
+//! itself processes nothing, so no interrupt is raised before there is a LAPIC to take it).
+//! Guest memory must hold the snapshot's contents before restore.
 
 use std::sync::atomic::Ordering;
 
