@@ -33,14 +33,31 @@ fn counter_guest() -> Vec<u8> {
     a.code
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(vmm_bin())
+/// Kills the VMMs a test started if the test fails before they exit (their guest spins on the
+/// serial port and would otherwise outlive the test).
+#[derive(Default)]
+struct Reaper(std::cell::RefCell<Vec<u32>>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &pid in self.0.borrow().iter() {
+            let pid = pid as libc::pid_t;
+            // SAFETY: kill(2) with a pid this test spawned; at worst the process is gone.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn spawn(reaper: &Reaper, args: &[&str]) -> Child {
+    let child = Command::new(vmm_bin())
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn vmm")
+        .expect("spawn vmm");
+    reaper.0.borrow_mut().push(child.id());
+    child
 }
 
 fn send(child: &mut Child, bytes: &[u8]) {
@@ -74,25 +91,28 @@ fn wait_for_socket(sock: &Path) {
 
 /// Boots the counter guest (with a raw disk, so a virtio device is saved too), counts to 2,
 /// snapshots it through the API socket and ends the process. Returns the state file.
-fn make_snapshot(dir: &Scratch) -> Option<PathBuf> {
+fn make_snapshot(reaper: &Reaper, dir: &Scratch) -> Option<PathBuf> {
     let kernel = dir.write("guest.elf", &tiny_elf(&counter_guest()));
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path("api.sock");
     let snap = dir.path("vm.state");
     let disk_arg = format!("path={}", disk.display());
-    let mut a = spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--serial",
-        "stdio",
-        "--disk",
-        &disk_arg,
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+    let mut a = spawn(
+        reaper,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--serial",
+            "stdio",
+            "--disk",
+            &disk_arg,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
     let seen = read_stdout_until(&mut a, "READY", 1, TIMEOUT);
     assert!(seen.contains("READY"), "guest did not start: {seen:?}");
     send(&mut a, b"a");
@@ -123,14 +143,15 @@ fn restored_guest_goes_on_counting_and_bad_files_are_refused() {
         return;
     }
     let dir = Scratch::new("snapshot");
-    let Some(snap) = make_snapshot(&dir) else {
+    let reaper = Reaper::default();
+    let Some(snap) = make_snapshot(&reaper, &dir) else {
         return;
     };
     let snap_str = snap.to_str().unwrap().to_string();
     let incoming = format!("file:{snap_str}");
 
     // Restore in a new process: the counter (a register) and the code (memory) carry on.
-    let mut b = spawn(&["--incoming", &incoming, "--serial", "stdio"]);
+    let mut b = spawn(&reaper, &["--incoming", &incoming, "--serial", "stdio"]);
     send(&mut b, b"c");
     let seen = read_stdout_until(&mut b, "c3", 1, TIMEOUT);
     assert!(
@@ -142,14 +163,17 @@ fn restored_guest_goes_on_counting_and_bad_files_are_refused() {
     assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
 
     // A second restore from the same file works just as well (the file is never modified).
-    let mut b = spawn(&[
-        "--incoming",
-        &incoming,
-        "--serial",
-        "stdio",
-        "--memory",
-        "64",
-    ]);
+    let mut b = spawn(
+        &reaper,
+        &[
+            "--incoming",
+            &incoming,
+            "--serial",
+            "stdio",
+            "--memory",
+            "64",
+        ],
+    );
     send(&mut b, b"dq");
     let run = wait_with_deadline(b, TIMEOUT);
     assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
