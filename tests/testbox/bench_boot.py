@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Boot benchmark in the test box: our vmm vs QEMU q35 vs QEMU microvm, same kernel and initramfs,
-all in ONE L1 boot, interleaved over a few repetitions.
+"""Boot benchmark in the test box: our vmm vs QEMU q35 vs QEMU microvm (vs Cloud Hypervisor with
+CH_BIN), same kernel and initramfs, all in ONE L1 boot, interleaved over a few repetitions.
 
 Measured inside L1 for each VMM:
   boot   time from the VMM's exec to the guest's first userspace line (GUEST-USERSPACE-UP). The VMM's
@@ -14,9 +14,13 @@ Measured inside L1 for each VMM:
          are taken as guest RAM. overhead = VmRSS - Rss(guest RAM) (the VMM's own code, heap, stacks,
          device state, firmware copies...), and the same with Pss.
 
-    python3 tests/testbox/bench_boot.py [--reps 3] [--vmms ours,q35,microvm] [--json out.json]
+    python3 tests/testbox/bench_boot.py [--reps 3] [--vmms ours,q35,microvm,ch] [--json out.json]
 
 Environment as for box.py (VMM_BIN; TESTBOX_L2=qemu makes "ours" a QEMU q35 stand-in).
+CH_BIN=PATH adds Cloud Hypervisor ("ch", peers.py; scripts/build-cloud-hypervisor.sh builds it): it
+boots the same kernel through its fastest path, the ELF vmlinux extracted from the guest's bzImage
+(PVH entry), with the same initramfs and command line, the console on the legacy serial port.
+Without CH_BIN the column is skipped with a line that says so.
 Absolute numbers under TCG mean little: compare the VMMs with each other, in the same run.
 """
 
@@ -33,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import box as tb  # noqa: E402
+import peers  # noqa: E402
 
 MEM_MIB = 256
 CPUS = 2
@@ -96,7 +101,8 @@ def one_run(box: tb.Box, key: str, argv: list[str], i: int, attempt: int) -> dic
     try:
         vm.wait_for(UP, 240, stall=60)
         vm.wait_shell(120)
-        mem = measure_memory(box, vm.pid(), MEM_MIB)
+        pid = peers.vmm_pid(box, vm.pid()) if key == "ch" else vm.pid()   # CH runs under ch-ptyrun
+        mem = measure_memory(box, pid, MEM_MIB)
         vm.send("poweroff")
         try:
             rc = vm.wait_exit(30)
@@ -130,13 +136,18 @@ def fmt(v, unit=""):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--vmms", default="ours,q35,microvm")
+    ap.add_argument("--vmms", default="ours,q35,microvm,ch")
     ap.add_argument("--json", help="write the raw results there")
     args = ap.parse_args()
     keys = [k.strip() for k in args.vmms.split(",") if k.strip()]
     results: dict[str, list[dict]] = {k: [] for k in keys}
     notes: dict[str, str] = {}
-    with tb.Box(with_qemu=True) as box:
+    ch = peers.ch_bins() if "ch" in keys else None
+    if "ch" in keys and not ch:
+        print(peers.SKIP_LINE)
+        keys.remove("ch")
+        del results["ch"]
+    with tb.Box(with_qemu=True, extra_bins=peers.box_extra_bins() if ch else None) as box:
         argvs = {}
         for k in keys:
             if k == "ours":
@@ -150,10 +161,12 @@ def main() -> int:
                 argvs[k] = qemu_q35()
             elif k == "microvm":
                 argvs[k] = qemu_microvm()
+            elif k == "ch":
+                argvs[k] = peers.ch_argv(MEM_MIB, CPUS)
             else:
                 raise SystemExit(f"unknown VMM {k}")
         # warm L1's page cache: the first run must not pay for reading the kernel from the payload disk
-        warm = f"cat {tb.L1_KERNEL} {tb.L1_INITRD} > /dev/null"
+        warm = f"cat {tb.L1_KERNEL} {tb.L1_INITRD} {peers.L1_VMLINUX if ch else ''} > /dev/null"
         box.check(warm)
         for i in range(args.reps):
             for k, argv in argvs.items():
@@ -215,6 +228,9 @@ def main() -> int:
         print(f"{k:<10} {s['runs']:>3}/{s['runs'] + s['failed']:<1} {boot:>28} {s['vmrss_mib']:>10.1f} "
               f"{s['guest_ram_rss_mib']:>14.1f} {s['overhead_rss_mib']:>13.1f} {s['overhead_pss_mib']:>13.1f} "
               f"{s['threads']:>8.0f}")
+    if ch:
+        print(f"ch: {peers.ch_version(ch[0])}, the same kernel as ELF vmlinux (PVH entry), "
+              f"console on its legacy serial port")
     for k, n in notes.items():
         if summary.get(k):
             print(f"note ({k}): {n}")
@@ -224,14 +240,14 @@ def main() -> int:
             print(f"note ({k}): {s['note']}")
     print()
     ours = summary.get("ours")
-    for ref in ("q35", "microvm"):
+    for ref in ("q35", "microvm", "ch"):
         r = summary.get(ref)
         if ours and r:
             print(f"ours/{ref}: boot time x{ours['boot_ms'] / r['boot_ms']:.2f}, "
                   f"memory overhead (RSS) x{ours['overhead_rss_mib'] / r['overhead_rss_mib']:.2f}, "
                   f"(PSS) x{ours['overhead_pss_mib'] / r['overhead_pss_mib']:.2f}")
         elif ref in keys:
-            why = "ours not measured" if not ours else f"QEMU {ref} not measured"
+            why = "ours not measured" if not ours else f"{ref} not measured"
             print(f"ours/{ref}: n/a ({why})")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "notes": notes}, indent=1))

@@ -9,12 +9,15 @@ opened with O_DIRECT by the VMM:
   ours  vmm --disk path=/dev/vdb,format=raw,cache=none
   q35   qemu-system-x86_64 -machine q35 ... -drive file=/dev/vdb,if=none,id=d0,format=raw,cache=none,
         aio=threads -device virtio-blk-pci,drive=d0
+  ch    cloud-hypervisor --disk path=/dev/vdb,direct=on,image_type=raw   (with CH_BIN=PATH, see
+        peers.py: the same kernel as ELF vmlinux, same initramfs; virtio-blk-pci, 1 queue; its
+        default I/O engine, io_uring when L1's kernel has it. Without CH_BIN: skipped, said so)
 and runs the guest's /bin/iobench (resources/guest/iobench.c: O_DIRECT, queue depth 1, fixed-seed
 random offsets over the whole disk) on its /dev/vda: seqwrite and seqread with 1 MiB blocks, then
 randwrite and randread with 4 KiB blocks, SECONDS each. The same tool runs first on /dev/vdb in L1
 itself ("L1": no VMM in between, the ceiling both VMMs share).
 
-    python3 tests/testbox/bench_disk.py [--secs 8] [--reps 1] [--vmms ours,q35] [--no-l1]
+    python3 tests/testbox/bench_disk.py [--secs 8] [--reps 1] [--vmms ours,q35,ch] [--no-l1]
                                         [--disk-mib 1024] [--json out.json]
 
 Environment as for box.py (VMM_BIN; TESTBOX_L2=qemu makes "ours" a QEMU q35 stand-in).
@@ -37,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import box as tb  # noqa: E402
+import peers  # noqa: E402
 
 MEM_MIB = 256
 CPUS = 2
@@ -44,7 +48,7 @@ DEV = tb.Box.SCRATCH_DEV
 # (mode, block size, the figure that matters)
 WORKLOADS = [("seqwrite", "1M", "mbps"), ("seqread", "1M", "mbps"),
              ("randwrite", "4096", "iops"), ("randread", "4096", "iops")]
-NAMES = {"l1": "L1 (no VMM)", "ours": "ours", "q35": "QEMU q35"}
+NAMES = {"l1": "L1 (no VMM)", "ours": "ours", "q35": "QEMU q35", "ch": "CloudHyperv"}
 LINE = re.compile(r"IOBENCH (mode=\S+(?: \w+=\S+)*)")
 
 
@@ -63,6 +67,8 @@ def vm_argv(box: tb.Box, key: str) -> list[str]:
     cfg = tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB)
     qdisk = ["-drive", f"file={DEV},if=none,id=d0,format=raw,cache=none,aio=threads",
              "-device", "virtio-blk-pci,drive=d0"]
+    if key == "ch":
+        return peers.ch_argv(MEM_MIB, CPUS, extra=["--disk", f"path={DEV},direct=on,image_type=raw"])
     if key == "q35" or tb.l2_is_qemu():
         return tb.qemu_argv_for(cfg, []) + qdisk
     return box.vmm_argv(cfg, ["--disk", f"path={DEV},format=raw,cache=none"], name="bench-disk")
@@ -164,15 +170,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--secs", type=float, default=8, help="seconds per workload (default 8)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions, VMMs interleaved (default 1)")
-    ap.add_argument("--vmms", default="ours,q35")
+    ap.add_argument("--vmms", default="ours,q35,ch")
     ap.add_argument("--no-l1", action="store_true", help="skip the reference runs in L1 itself")
     ap.add_argument("--disk-mib", type=int, default=1024, help="scratch disk size (default 1024)")
     ap.add_argument("--json", help="write the raw results there")
     args = ap.parse_args()
     keys = [k.strip() for k in args.vmms.split(",") if k.strip()]
     for k in keys:
-        if k not in ("ours", "q35"):
-            raise SystemExit(f"unknown VMM {k} (ours, q35)")
+        if k not in ("ours", "q35", "ch"):
+            raise SystemExit(f"unknown VMM {k} (ours, q35, ch)")
+    ch = peers.ch_bins() if "ch" in keys else None
+    if "ch" in keys and not ch:
+        print(peers.SKIP_LINE)
+        keys.remove("ch")
     busy = other_boxes()
     if busy:
         tb.log(f"warning: {len(busy)} other test box(es) running on this machine: numbers will be noisy")
@@ -180,7 +190,8 @@ def main() -> int:
     results: dict[str, list[dict]] = {k: [] for k in (["l1"] if not args.no_l1 else []) + keys}
     notes: list[str] = []
     t_start = time.monotonic()
-    with tb.Box(with_qemu=True, scratch_mib=args.disk_mib) as box:
+    with tb.Box(with_qemu=True, scratch_mib=args.disk_mib,
+                extra_bins=peers.box_extra_bins() if ch else None) as box:
         if "ours" in keys and not box.has_vmm() and not tb.l2_is_qemu():
             raise SystemExit("no vmm binary: build it (cargo build --release) or set VMM_BIN")
         if tb.l2_is_qemu():
@@ -195,7 +206,8 @@ def main() -> int:
         box.check(f"dd if=/dev/zero of={DEV} bs=1M oflag=direct 2>&1 | tail -1; sync",
                   timeout=60 + args.disk_mib)
         tb.log(f"scratch disk {DEV} ({args.disk_mib} MiB) filled in {time.monotonic() - t0:.1f}s")
-        box.check(f"cat {tb.L1_KERNEL} {tb.L1_INITRD} > /dev/null")   # warm L1's page cache
+        # warm L1's page cache
+        box.check(f"cat {tb.L1_KERNEL} {tb.L1_INITRD} {peers.L1_VMLINUX if ch else ''} > /dev/null")
         if not args.no_l1:
             results["l1"].append(l1_runs(box, args.secs))
         for i in range(args.reps):
@@ -225,6 +237,9 @@ def main() -> int:
     hdr = f"{'workload':<22}" + "".join(f"{NAMES[k]:>14}" for k in cols)
     if "ours" in cols and "q35" in cols:
         hdr += f"{'ours/QEMU':>11}"
+    both_ch = "ours" in cols and "ch" in cols
+    if both_ch:
+        hdr += f"{'ours/CH':>9}"
     print(hdr)
     print("-" * len(hdr))
     both = "ours" in cols and "q35" in cols
@@ -237,6 +252,9 @@ def main() -> int:
         if both:
             o, q = summary["ours"], summary["q35"]
             row += f"{'n/a':>11}" if not (o and q) else f"{'x%.2f' % (o[mode][fig] / q[mode][fig]):>11}"
+        if both_ch:
+            o, c = summary["ours"], summary["ch"]
+            row += f"{'n/a':>9}" if not (o and c) else f"{'x%.2f' % (o[mode][fig] / c[mode][fig]):>9}"
         print(row)
     for title, f, prec in (("mean latency per guest request, us:", "lat_us", 0),
                            (f"requests to {DEV} in L1 per guest request:", "l1_reqs_per_op", 1)):
@@ -260,6 +278,9 @@ def main() -> int:
                 print(first["detail"], file=sys.stderr)
         elif s["_runs"] != f"{len(results[k])}/{len(results[k])}":
             print(f"{NAMES[k]}: only {s['_runs']} repetitions succeeded")
+    if ch:
+        print(f"CloudHyperv: {peers.ch_version(ch[0])}, --disk path={DEV},direct=on,image_type=raw "
+              f"(O_DIRECT like cache=none)")
     for n in notes:
         print(f"note: {n}")
     if busy:
