@@ -150,11 +150,7 @@ pub fn check_metadata(bytes: &[u8]) -> Result<(VmConfig, MachineState), Snapshot
             path: path.to_path_buf(),
             source,
         })?;
-    let (config, state) = decode(path, &config, &state)?;
-    memory::check_layout(&layout, config.machine.memory_mib).map_err(|e| SnapshotError::State {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let (config, state, _) = check_sections(path, &config, &state, layout)?;
     Ok((config, state))
 }
 
@@ -169,14 +165,23 @@ fn check_stream<R: std::io::Read + Seek>(
         path: path.to_path_buf(),
         source,
     })?;
-    let (config, state) = decode(path, &parsed.config, &parsed.state)?;
-    memory::check_layout(&parsed.memory, config.machine.memory_mib).map_err(|e| {
-        SnapshotError::State {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
+    check_sections(path, &parsed.config, &parsed.state, parsed.memory)
+}
+
+/// Decodes the configuration and state sections and checks the memory layout against the
+/// configured RAM size.
+fn check_sections(
+    path: &Path,
+    config: &[u8],
+    state: &[u8],
+    layout: MemoryLayout,
+) -> Result<(VmConfig, MachineState, MemoryLayout), SnapshotError> {
+    let (config, state) = decode(path, config, state)?;
+    memory::check_layout(&layout, config.machine.memory_mib).map_err(|e| SnapshotError::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
     })?;
-    Ok((config, state, parsed.memory))
+    Ok((config, state, layout))
 }
 
 /// Parses and cross-checks the configuration and state sections.

@@ -354,10 +354,7 @@ pub fn parse<R: Read + Seek>(r: &mut R, len: u64) -> Result<Parsed, FormatError>
         return Err(FormatError::Truncated("guest memory".into()));
     }
     r.seek(SeekFrom::Start(end_of_data))?;
-    let end = meta_section(r, TAG_END)?;
-    if end != SECTIONS_BEFORE_END.to_le_bytes() {
-        return Err(FormatError::Malformed("bad end marker".into()));
-    }
+    read_end(r)?;
     Ok(Parsed {
         config,
         state,
@@ -441,6 +438,11 @@ pub fn read_memory<R: Read>(
     if hasher.finalize() != layout.data_crc {
         return Err(FormatError::Checksum("guest memory".into()));
     }
+    read_end(r)
+}
+
+/// Reads the `END_` section that closes every stream and checks its marker.
+fn read_end<R: Read>(r: &mut R) -> Result<(), FormatError> {
     let end = meta_section(r, TAG_END)?;
     if end != SECTIONS_BEFORE_END.to_le_bytes() {
         return Err(FormatError::Malformed("bad end marker".into()));
