@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod cpuid;
+pub mod decompress;
 pub mod layout;
 pub mod loader;
 pub mod regs;

@@ -138,6 +138,9 @@ pub enum KernelFormat {
     BzImage,
     /// An uncompressed ELF vmlinux.
     Elf,
+    /// The vmlinux extracted from a bzImage on the host ([`crate::decompress`]), loaded as ELF
+    /// and entered at its 64-bit entry, with the bzImage's setup header in the zero page.
+    ExtractedVmlinux,
 }
 
 /// What [`load_kernel`] loaded.
@@ -153,7 +156,7 @@ pub struct KernelInfo {
     /// includes the area it decompresses into (`pref_address + init_size`), so anything placed
     /// above it (the initrd) is safe.
     pub kernel_end: GuestAddress,
-    /// The bzImage setup header, to be copied into the zero page; `None` for ELF.
+    /// The bzImage setup header, to be copied into the zero page; `None` for a plain ELF.
     pub setup_header: Option<setup_header>,
     /// PVH entry point of an ELF kernel that advertises one (for a future PVH boot path).
     pub pvh_entry: Option<GuestAddress>,
@@ -258,16 +261,9 @@ where
     }
 }
 
-fn load_bzimage<M, F>(
-    mem: &M,
-    kernel: &mut F,
-    hdr: setup_header,
-    file_len: u64,
-) -> Result<KernelInfo, LoaderError>
-where
-    M: GuestMemoryBackend,
-    F: Read + ReadVolatile + Seek,
-{
+/// Checks that a bzImage header describes a kernel we can enter at its 64-bit entry
+/// (boot protocol 2.12+, loaded high, `XLF_KERNEL_64`).
+pub fn check_bzimage_header(hdr: &setup_header) -> Result<(), LoaderError> {
     let version = hdr.version;
     if version < MIN_BOOT_PROTOCOL {
         return Err(LoaderError::BootProtocolTooOld(version));
@@ -278,6 +274,50 @@ where
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(LoaderError::BzImageNot64Bit);
     }
+    Ok(())
+}
+
+/// Loads `vmlinux` (read straight into guest memory, segment by segment), the ELF kernel
+/// extracted from a bzImage whose setup header is `bzimage_header`
+/// ([`crate::decompress::extract_vmlinux`]), as an ELF kernel: entered at its
+/// ELF entry (`startup_64`, the 64-bit entry the bzImage's decompressor would jump to once
+/// done), with the bzImage's setup header kept in [`KernelInfo::setup_header`] so that the zero
+/// page carries the kernel's own header (its `cmdline_size`, `initrd_addr_max`, protocol
+/// version) exactly as when the bzImage itself is booted.
+pub fn load_extracted_vmlinux<M, F>(
+    mem: &M,
+    vmlinux: &mut F,
+    bzimage_header: setup_header,
+) -> Result<KernelInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    check_bzimage_header(&bzimage_header)?;
+    let head = read_head(vmlinux)?;
+    if !matches!(head.kind, Some((KernelFormat::Elf, _))) {
+        return Err(LoaderError::ElfMalformed("no ELF magic"));
+    }
+    let info = load_elf(mem, vmlinux, &head.buf[..head.len])?;
+    Ok(KernelInfo {
+        format: KernelFormat::ExtractedVmlinux,
+        setup_header: Some(bzimage_header),
+        ..info
+    })
+}
+
+fn load_bzimage<M, F>(
+    mem: &M,
+    kernel: &mut F,
+    hdr: setup_header,
+    file_len: u64,
+) -> Result<KernelInfo, LoaderError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    check_bzimage_header(&hdr)?;
+    let version = hdr.version;
 
     // Check the fit before copying anything: both the image itself and the area the
     // decompressor works in (pref_address + init_size) must be RAM.

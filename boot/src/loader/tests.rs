@@ -345,3 +345,45 @@ fn real_guest_kernel_if_present() {
     let magic: [u8; 2] = mem.read_obj(initrd_info.addr).unwrap();
     assert_eq!(magic, [0x1f, 0x8b]);
 }
+
+#[test]
+fn loads_extracted_vmlinux_with_the_bzimage_header() {
+    let mem = mem(64 * MIB);
+    let hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+    let image = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 0x2000);
+    let info = load_extracted_vmlinux(&mem, &mut Cursor::new(&image[..]), hdr).unwrap();
+    assert_eq!(info.format, KernelFormat::ExtractedVmlinux);
+    assert_eq!(info.entry, GuestAddress(0x100_0000));
+    assert_eq!(info.kernel_end, GuestAddress(0x100_2000));
+    let kept = info.setup_header.expect("the bzImage header is kept");
+    assert_eq!({ kept.cmdline_size }, 2047);
+    assert_eq!({ kept.initrd_addr_max }, 0x7fff_ffff);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100_0000)).unwrap(), 0x90);
+    assert_eq!(max_cmdline_len(info.setup_header.as_ref()), 2047);
+}
+
+#[test]
+fn extracted_vmlinux_is_checked() {
+    let mem = mem(64 * MIB);
+    let good = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 0x2000);
+    let old = header(0x020b, LOADED_HIGH, XLF_KERNEL_64);
+    assert!(matches!(
+        load_extracted_vmlinux(&mem, &mut Cursor::new(&good[..]), old),
+        Err(LoaderError::BootProtocolTooOld(0x020b))
+    ));
+    let hdr = header(0x020f, LOADED_HIGH, XLF_KERNEL_64);
+    assert!(matches!(
+        load_extracted_vmlinux(&mem, &mut Cursor::new(&b"not an elf"[..]), hdr),
+        Err(LoaderError::ElfMalformed(_))
+    ));
+    let arm = elf(ELFCLASS64, 183, 0x100_0000, 0x2000);
+    assert!(matches!(
+        load_extracted_vmlinux(&mem, &mut Cursor::new(&arm[..]), hdr),
+        Err(LoaderError::ElfWrongMachine(183))
+    ));
+    let huge = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 128 << 20);
+    assert!(matches!(
+        load_extracted_vmlinux(&mem, &mut Cursor::new(&huge[..]), hdr),
+        Err(LoaderError::KernelTooBig { .. })
+    ));
+}
