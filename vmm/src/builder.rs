@@ -199,7 +199,7 @@ pub fn build_vm(
     restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
     let memory_bytes = cfg.machine.memory_mib << 20;
-    let vm = match restore {
+    let mut vm = match restore {
         Some(l) => Vm::with_memory(hv, map_private(&l.file, &l.memory)?)?,
         None => Vm::new(hv, cfg.machine.memory_mib)?,
     };
@@ -258,6 +258,8 @@ pub fn build_vm(
         });
     }
 
+    let coalesced = coalesce_serial_output(hv, &vm, &vcpus, &devices);
+
     if restore.is_some() {
         // A notification that arrived while the state was taken is replayed now that the
         // vCPUs its interrupts go to exist.
@@ -275,13 +277,16 @@ pub fn build_vm(
         control: control.clone(),
         events: tx,
         events_evt: vcpu_evt.clone(),
+        coalesced,
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         match vcpu.start(shared.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
-                crate::vcpu::stop_all(&control, threads, crate::VCPU_STOP_TIMEOUT);
+                if !crate::vcpu::stop_all(&control, threads, crate::VCPU_STOP_TIMEOUT) {
+                    vm.abandon_ram();
+                }
                 return Err(e.into());
             }
         }
@@ -312,7 +317,14 @@ fn boot_guest(
     // Validation made sure a kernel is configured.
     let kernel_path = cfg.boot.kernel.as_deref().unwrap_or(Path::new(""));
     let mut kernel_file = open("boot.kernel", kernel_path)?;
-    let kernel = boot::loader::load_kernel(mem, &mut kernel_file).map_err(BuildError::Kernel)?;
+    let extracted = match cfg.boot.decompress_kernel {
+        true => load_extracted_kernel(mem, kernel_path, &mut kernel_file),
+        false => None,
+    };
+    let kernel = match extracted {
+        Some(k) => k,
+        None => boot::loader::load_kernel(mem, &mut kernel_file).map_err(BuildError::Kernel)?,
+    };
     let initrd = match &cfg.boot.initrd {
         Some(path) => {
             let mut f = open("boot.initrd", path)?;
@@ -350,4 +362,103 @@ fn boot_guest(
     )
     .map_err(BuildError::BootParams)?;
     Ok(kernel.entry)
+}
+
+/// Lets the guest's serial output bypass a VM exit per byte while that is exact (see
+/// [`crate::coalesced`]): maps the coalesced ring and gives COM1 the hook that queues its THR
+/// writes. `None` (every write an exit, as before) when KVM lacks coalesced port I/O or the
+/// ring cannot be mapped.
+fn coalesce_serial_output(
+    hv: &Hypervisor,
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    devices: &PlatformDevices,
+) -> Option<Arc<crate::coalesced::CoalescedRing>> {
+    if !hv.kvm().check_extension(kvm_ioctls::Cap::CoalescedPio) {
+        return None;
+    }
+    let ring = match vcpus.first()?.map_coalesced_ring() {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            log::warn!("coalesced I/O ring unavailable, serial output exits per byte: {e}");
+            return None;
+        }
+    };
+    let hook = crate::coalesced::plain_tx_hook(vm.fd().clone(), boot::layout::COM1_PORT);
+    crate::lock(&devices.serial).set_plain_tx_hook(hook);
+    Some(ring)
+}
+
+/// The fast way to boot a bzImage: its vmlinux, extracted on the host (or taken from the
+/// [`crate::kernel_cache`]), loaded as ELF and entered at its 64-bit entry, so the guest skips
+/// decompressing itself; the zero page still carries the bzImage's setup header.
+///
+/// `None` when `kernel` is not a bzImage, or (after one warning line saying why) when its
+/// payload cannot be extracted or the result cannot be loaded: the caller then loads the file
+/// as it is. A cached kernel that does not load is discarded and extracted afresh once.
+fn load_extracted_kernel(
+    mem: &vm_memory::GuestMemoryMmap,
+    path: &Path,
+    kernel: &mut File,
+) -> Option<boot::loader::KernelInfo> {
+    use crate::kernel_cache::{self, Extracted, KernelCache};
+    use std::io::Read;
+
+    if boot::loader::probe_kernel(kernel).ok()? != boot::loader::KernelFormat::BzImage {
+        return None;
+    }
+    let fall_back = |why: &dyn std::fmt::Display| {
+        eprintln!(
+            "vmm: {}: booting the bzImage as it is (the guest decompresses itself): {why}",
+            path.display()
+        );
+        None
+    };
+    // The setup header; one the bzImage path refuses too is reported there, without a warning.
+    let mut head = Vec::new();
+    if let Err(e) = std::io::Seek::rewind(kernel).and_then(|()| {
+        (&mut *kernel)
+            .take(boot::decompress::SETUP_HEADER_END as u64)
+            .read_to_end(&mut head)
+    }) {
+        return fall_back(&e);
+    }
+    let header = boot::decompress::bzimage_header(&head)
+        .filter(|h| boot::loader::check_bzimage_header(h).is_ok())?;
+    let cache = KernelCache::from_env();
+    let loaded = match kernel_cache::extract(kernel, cache.as_ref()) {
+        Ok(Extracted::Cache { mut file, key }) => {
+            match boot::loader::load_extracted_vmlinux(mem, &mut file, header) {
+                Ok(info) => return Some(info),
+                Err(e) => {
+                    eprintln!(
+                        "vmm: {}: the cached kernel does not load ({e}); extracting it afresh",
+                        path.display()
+                    );
+                    if let Some(c) = &cache {
+                        c.discard(&key);
+                    }
+                }
+            }
+            match kernel_cache::extract(kernel, None) {
+                Ok(Extracted::Decompressed(image)) => load_vmlinux_image(mem, image, header),
+                Ok(Extracted::Cache { .. }) => unreachable!("no cache was given"),
+                Err(e) => return fall_back(&e),
+            }
+        }
+        Ok(Extracted::Decompressed(image)) => load_vmlinux_image(mem, image, header),
+        Err(e) => return fall_back(&e),
+    };
+    match loaded {
+        Ok(info) => Some(info),
+        Err(e) => fall_back(&format_args!("the extracted vmlinux does not load: {e}")),
+    }
+}
+
+fn load_vmlinux_image(
+    mem: &vm_memory::GuestMemoryMmap,
+    image: Vec<u8>,
+    header: linux_loader::bootparam::setup_header,
+) -> Result<boot::loader::KernelInfo, boot::loader::LoaderError> {
+    boot::loader::load_extracted_vmlinux(mem, &mut std::io::Cursor::new(image), header)
 }

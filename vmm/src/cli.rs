@@ -42,6 +42,11 @@ pub struct Cli {
     #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
 
+    /// Boot a bzImage as it is, letting the guest decompress itself, instead of through its
+    /// vmlinux extracted (and cached) on the host ("boot": {"decompress_kernel": false}).
+    #[arg(long)]
+    pub no_decompress: bool,
+
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
     pub cpus: Option<u8>,
@@ -158,7 +163,8 @@ pub enum Command {
 const AFTER_HELP: &str = "\
 Config file schema (all fields optional except a kernel somewhere):
   {\"machine\": {\"vcpus\": 2, \"memory_mib\": 256},
-   \"boot\": {\"kernel\": \"vmlinuz\", \"initrd\": \"initrd.gz\", \"cmdline\": \"console=ttyS0\"},
+   \"boot\": {\"kernel\": \"vmlinuz\", \"initrd\": \"initrd.gz\", \"cmdline\": \"console=ttyS0\",
+            \"decompress_kernel\": true},   (false: boot a bzImage without host-side extraction)
    \"serial\": {\"mode\": \"stdio\"},          (or file/socket with \"path\", or off)
    \"on_reboot\": \"exit\"}                    (or restart)
 
@@ -234,6 +240,9 @@ impl Cli {
         }
         if let Some(c) = self.cmdline {
             cfg.boot.cmdline = Some(c);
+        }
+        if self.no_decompress {
+            cfg.boot.decompress_kernel = false;
         }
         if let Some(n) = self.cpus {
             cfg.machine.vcpus = n;

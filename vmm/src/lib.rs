@@ -7,11 +7,13 @@
 
 pub mod builder;
 pub mod cli;
+pub mod coalesced;
 pub mod console;
 pub mod ctl;
 pub mod device_manager;
 pub mod img;
 pub mod incoming;
+pub mod kernel_cache;
 pub mod kvm;
 pub mod pci;
 pub mod registry;

@@ -433,7 +433,10 @@ impl MutEventSubscriber for Control {
 impl Drop for Control {
     fn drop(&mut self) {
         let threads = std::mem::take(&mut self.vm.threads);
-        vcpu::stop_all(&self.vm.control, threads, VCPU_STOP_TIMEOUT);
+        if !vcpu::stop_all(&self.vm.control, threads, VCPU_STOP_TIMEOUT) {
+            // A vCPU still in KVM_RUN may touch guest RAM: never hand it to another VM.
+            self.vm.vm.abandon_ram();
+        }
     }
 }
 

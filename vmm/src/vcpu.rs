@@ -18,6 +18,7 @@ use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::coalesced::CoalescedRing;
 use crate::snapshot::cpu::{CpuStateError, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
@@ -321,6 +322,18 @@ pub struct VcpuShared {
     pub events: Sender<VcpuEvent>,
     /// Written after each report, to wake the VMM's event loop.
     pub events_evt: Arc<EventFd>,
+    /// KVM's coalesced I/O ring, drained before every exit is handled (`None`: not used).
+    pub coalesced: Option<Arc<CoalescedRing>>,
+}
+
+impl VcpuShared {
+    /// Applies the writes KVM queued without an exit, so that the exit about to be handled (or
+    /// the pause about to begin) sees them done.
+    fn drain_coalesced(&self) {
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.pio, &self.mmio);
+        }
+    }
 }
 
 impl Vcpu {
@@ -388,6 +401,11 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
+    /// Maps the VM's coalesced I/O ring through this vCPU.
+    pub fn map_coalesced_ring(&self) -> io::Result<CoalescedRing> {
+        CoalescedRing::map(&self.fd)
+    }
+
     /// Starts the vCPU's thread.
     pub fn start(self, shared: VcpuShared) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
@@ -411,7 +429,9 @@ impl Vcpu {
             if !shared.control.obey(self.id, &self.fd) {
                 return VcpuExitReason::Stopped;
             }
-            match self.fd.run() {
+            let result = self.fd.run();
+            shared.drain_coalesced();
+            match result {
                 Ok(exit) => {
                     if let Some(reason) = handle_exit(exit, shared) {
                         return match reason {
@@ -496,16 +516,20 @@ fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<VcpuExitReason
 
 /// Stops every vCPU thread of a VM and waits for them, kicking each out of `KVM_RUN` until it
 /// has left. Gives up on a thread after `timeout` (it is then left to die with the process).
-pub fn stop_all(control: &VcpuControl, threads: Vec<JoinHandle<()>>, timeout: Duration) {
+/// Returns whether every thread ended.
+pub fn stop_all(control: &VcpuControl, threads: Vec<JoinHandle<()>>, timeout: Duration) -> bool {
     control.request_stop();
     let deadline = Instant::now() + timeout;
+    let mut all = true;
     for t in threads {
         while !t.is_finished() && Instant::now() < deadline {
             let _ = t.kill(VCPU_KICK_SIGNAL());
             std::thread::sleep(Duration::from_millis(2));
         }
-        if t.is_finished() {
-            let _ = t.join();
+        match t.is_finished() {
+            true => drop(t.join()),
+            false => all = false,
         }
     }
+    all
 }

@@ -27,7 +27,7 @@ pub enum VmError {
         /// Requested size.
         mib: u64,
         /// Why.
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
     /// KVM refused a memory slot.
     #[error("cannot register guest memory with KVM: {0}")]
@@ -54,6 +54,9 @@ pub enum VmError {
 pub struct Vm {
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
+    /// The anonymous RAM behind `memory` (`None` for a restored VM's file mapping), handed back
+    /// to the pool when the VM goes.
+    ram: Option<GuestRam>,
 }
 
 impl Vm {
@@ -61,11 +64,27 @@ impl Vm {
     /// creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.
     pub fn new(hv: &Hypervisor, memory_mib: u64) -> Result<Vm, VmError> {
         let regions = boot::layout::ram_regions(memory_mib << 20);
-        let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|source| VmError::Memory {
+        let memory_error = |source| VmError::Memory {
             mib: memory_mib,
             source,
-        })?;
-        Self::with_memory(hv, memory)
+        };
+        let ram = GuestRam::take(&regions).map_err(memory_error)?;
+        let memory = match ram.guest_memory() {
+            Ok(m) => m,
+            Err(e) => {
+                ram.give_back();
+                return Err(memory_error(e));
+            }
+        };
+        let mut vm = match Self::with_memory(hv, memory) {
+            Ok(vm) => vm,
+            Err(e) => {
+                ram.give_back();
+                return Err(e);
+            }
+        };
+        vm.ram = Some(ram);
+        Ok(vm)
     }
 
     /// Creates the VM around guest RAM that is already mapped (a restored VM's), and creates
@@ -105,6 +124,7 @@ impl Vm {
         Ok(Vm {
             fd: Arc::new(fd),
             memory,
+            ram: None,
         })
     }
 
@@ -118,10 +138,233 @@ impl Vm {
         &self.memory
     }
 
+    /// Keeps this VM's RAM out of the pool for good: a vCPU thread that could not be stopped
+    /// may still run guest code in it.
+    pub fn abandon_ram(&mut self) {
+        if let Some(ram) = self.ram.take() {
+            std::mem::forget(ram);
+        }
+    }
+
     /// Connects an EventFd to a GSI of the in-kernel irqchip: writing the fd raises the line.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(ram) = self.ram.take() {
+            ram.give_back();
+        }
+    }
+}
+
+/// Huge page size, and the alignment of guest RAM in the host.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Anonymous guest RAM whose host addresses are aligned like its guest addresses to 2 MiB, so
+/// that KVM can back the guest with 2 MiB pages where the host has transparent huge pages:
+/// a guest then takes one nested page fault per 2 MiB it touches instead of 512. For a nested
+/// guest each such fault is a round trip through two hypervisors; the kernel's boot touches
+/// some 100 MiB. (QEMU aligns its RAM the same way.)
+///
+/// `vm-memory` maps with no alignment, so this maps the RAM itself and lends it to
+/// `GuestMemoryMmap` as raw regions. Mappings are never unmapped: a VM gives its RAM back to a
+/// process-wide pool when it goes, and the next VM of the same layout (a rebooted guest) takes
+/// it, emptied with `MADV_DONTNEED` (it reads as zeros again), so a reboot loop maps nothing
+/// new. A VM whose vCPU threads could not be stopped keeps its RAM ([`Vm::abandon_ram`]).
+struct GuestRam {
+    /// Guest address, length and host address of each range.
+    ranges: Vec<(vm_memory::GuestAddress, usize, usize)>,
+}
+
+static RAM_POOL: std::sync::Mutex<Vec<GuestRam>> = std::sync::Mutex::new(Vec::new());
+
+impl GuestRam {
+    /// RAM for `layout` (guest address, length): a pooled one of that layout, emptied, else a
+    /// new mapping.
+    fn take(layout: &[(vm_memory::GuestAddress, usize)]) -> std::io::Result<GuestRam> {
+        let pooled = {
+            let mut pool = RAM_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let same = |r: &GuestRam| {
+                r.ranges.len() == layout.len()
+                    && r.ranges
+                        .iter()
+                        .zip(layout)
+                        .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+            };
+            pool.iter().position(same).map(|i| pool.swap_remove(i))
+        };
+        if let Some(ram) = pooled {
+            for &(_, len, host) in &ram.ranges {
+                // SAFETY: the range is a private anonymous mapping this pool owns and no VM uses
+                // (its last VM is gone); dropping its pages makes it read as zeros.
+                let r =
+                    unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            return Ok(ram);
+        }
+        let mut ranges = Vec::with_capacity(layout.len());
+        for &(gpa, len) in layout {
+            match map_aligned(len, gpa.0 as usize % HUGE_PAGE) {
+                Ok(host) => ranges.push((gpa, len, host)),
+                Err(e) => {
+                    GuestRam { ranges }.unmap();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(GuestRam { ranges })
+    }
+
+    /// The ranges as guest memory (regions borrowing the mappings).
+    fn guest_memory(&self) -> std::io::Result<GuestMemoryMmap> {
+        use vm_memory::mmap::MmapRegionBuilder;
+        let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let mut regions = Vec::with_capacity(self.ranges.len());
+        for &(gpa, len, host) in &self.ranges {
+            // SAFETY: [host, host + len) is a live mapping owned by this `GuestRam`, which
+            // outlives every VM using it (it is pooled or leaked, never unmapped while in use).
+            let builder =
+                unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(host as *mut u8) };
+            let region = builder
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| invalid(&e))?;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(region, gpa)
+                    .ok_or_else(|| invalid(&"a RAM range wraps around"))?,
+            );
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| invalid(&e))
+    }
+
+    fn give_back(self) {
+        RAM_POOL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self);
+    }
+
+    /// Unmaps the ranges (only for RAM no VM has used).
+    fn unmap(self) {
+        for (_, len, host) in self.ranges {
+            // SAFETY: a mapping made by `map_aligned` that nothing references.
+            unsafe { libc::munmap(host as *mut libc::c_void, len) };
+        }
+    }
+}
+
+/// Maps `len` bytes of private anonymous memory at a host address whose offset in a 2 MiB page
+/// is `phase`, asking for transparent huge pages.
+fn map_aligned(len: usize, phase: usize) -> std::io::Result<usize> {
+    let span = len + HUGE_PAGE;
+    // SAFETY: a new reservation at an address the kernel picks; nothing else is affected.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = (base - phase).next_multiple_of(HUGE_PAGE) + phase;
+    // SAFETY: [start, start + len) lies inside the reservation made above, which this function
+    // owns; MAP_FIXED replaces that part of it and nothing else.
+    let addr = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    let mapped = addr != libc::MAP_FAILED;
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the parts of the reservation around the mapping (or all of it on failure) are
+    // ours and unused.
+    unsafe {
+        let keep = if mapped {
+            start..start + len
+        } else {
+            base..base
+        };
+        if keep.start > base {
+            libc::munmap(base as *mut libc::c_void, keep.start - base);
+        }
+        if mapped && base + span > keep.end {
+            libc::munmap(keep.end as *mut libc::c_void, base + span - keep.end);
+        }
+        if !mapped {
+            libc::munmap(base as *mut libc::c_void, span);
+        }
+    }
+    if !mapped {
+        return Err(err);
+    }
+    // SAFETY: advice on the mapping just made. Failure (no THP in this kernel) is harmless.
+    unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    Ok(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn guest_ram_is_aligned_like_guest_addresses_and_comes_back_zeroed() {
+        // A layout no other test uses, so the pool cannot hand this test another test's RAM.
+        let layout = [
+            (GuestAddress(0), 6 << 20),
+            (GuestAddress(0x1_0010_0000), 3 << 20),
+        ];
+        let a = GuestRam::take(&layout).unwrap();
+        for &(gpa, _, host) in &a.ranges {
+            assert_eq!(host % HUGE_PAGE, gpa.0 as usize % HUGE_PAGE);
+        }
+        let mem = a.guest_memory().unwrap();
+        mem.write_obj(0xabcd_u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x1234_u32, GuestAddress(0x1_0010_0000))
+            .unwrap();
+
+        // Two live VMs never share RAM.
+        let b = GuestRam::take(&layout).unwrap();
+        assert_ne!(a.ranges[0].2, b.ranges[0].2);
+        assert_eq!(
+            b.guest_memory()
+                .unwrap()
+                .read_obj::<u32>(GuestAddress(0x1000))
+                .unwrap(),
+            0
+        );
+
+        // A VM's RAM goes back to the pool and the next VM of that layout gets it empty.
+        let host = a.ranges[0].2;
+        drop(mem);
+        a.give_back();
+        let c = GuestRam::take(&layout).unwrap();
+        assert_eq!(c.ranges[0].2, host, "pooled RAM is reused");
+        let mem = c.guest_memory().unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1_0010_0000)).unwrap(), 0);
+        drop(mem);
+        b.unmap();
+        c.unmap();
     }
 }
