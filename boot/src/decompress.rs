@@ -38,8 +38,7 @@ const GZIP_TRAILER: usize = 8;
 /// Size of the uncompressed-size word the kernel build appends to non-gzip payloads.
 const SIZE_TRAILER: usize = 4;
 
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-const ELFCLASS64: u8 = 2;
+use crate::loader::{ELFCLASS64, ELF_MAGIC};
 const ELFDATA2LSB: u8 = 1;
 const ET_EXEC: u16 = 2;
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Boot benchmark in the test box: our vmm vs QEMU q35 vs QEMU microvm (vs Cloud Hypervisor with
-CH_BIN), same kernel and initramfs, all in ONE L1 boot, interleaved over a few repetitions.
+CH_BIN, vs Firecracker with FC_BIN), same kernel and initramfs, all in ONE L1 boot, interleaved over
+a few repetitions.
 
 Measured inside L1 for each VMM:
   boot   time from the VMM's exec to the guest's first userspace line (GUEST-USERSPACE-UP). The VMM's
@@ -14,13 +15,24 @@ Measured inside L1 for each VMM:
          are taken as guest RAM. overhead = VmRSS - Rss(guest RAM) (the VMM's own code, heap, stacks,
          device state, firmware copies...), and the same with Pss.
 
-    python3 tests/testbox/bench_boot.py [--reps 3] [--vmms ours,q35,microvm,ch] [--json out.json]
+    python3 tests/testbox/bench_boot.py [--reps 3] [--vmms ours,ours-cold,ours-bz,q35,microvm,ch,fc]
+                                        [--json out.json]
+
+Our rows: "ours" is the default path with the kernel cache warm (a first, untimed boot fills it: a
+kernel's every boot but the first), "ours-cold" the default path with an empty cache each run (the
+bzImage is decompressed on the host, a kernel's first boot), "ours-bz" the bzImage booted as it is
+(--no-decompress: the guest decompresses itself).
 
 Environment as for box.py (VMM_BIN; TESTBOX_L2=qemu makes "ours" a QEMU q35 stand-in).
 CH_BIN=PATH adds Cloud Hypervisor ("ch", peers.py; scripts/build-cloud-hypervisor.sh builds it): it
 boots the same kernel through its fastest path, the ELF vmlinux extracted from the guest's bzImage
 (PVH entry), with the same initramfs and command line, the console on the legacy serial port.
 Without CH_BIN the column is skipped with a line that says so.
+FC_BIN=PATH adds Firecracker ("fc", peers.py; scripts/build-firecracker.sh builds it), the same way:
+the same ELF vmlinux (it boots nothing else on x86_64), initramfs and console; its command line has
+reboot=k added and pci=off appended by Firecracker (it has no PCI bus by default; nor a CMOS RTC),
+and it is stopped with the guest's `reboot` (its ACPI has no S5: no power-off). Without FC_BIN the
+column is skipped with a line that says so.
 Absolute numbers under TCG mean little: compare the VMMs with each other, in the same run.
 """
 
@@ -42,6 +54,21 @@ import peers  # noqa: E402
 MEM_MIB = 256
 CPUS = 2
 UP = r"GUEST-USERSPACE-UP"
+
+
+OURS = ("ours", "ours-cold", "ours-bz")
+CACHE = "/tmp/bench-kernel-cache"
+
+
+def ours_argv(box: tb.Box, key: str, i: int, attempt: int) -> list[str]:
+    """Our vmm for row `key` (OURS): its own kernel cache in L1, warm for "ours", a fresh empty
+    one every run for "ours-cold"; --no-decompress for "ours-bz"."""
+    argv = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB), name="bench",
+                        flags=["--no-decompress"] if key == "ours-bz" else None)
+    if tb.l2_is_qemu():
+        return argv
+    cache = CACHE if key != "ours-cold" else f"/tmp/bench-cold-cache-{i}-{attempt}"
+    return ["env", f"XDG_CACHE_HOME={cache}", *argv]
 
 
 def qemu_q35() -> list[str]:
@@ -103,7 +130,7 @@ def one_run(box: tb.Box, key: str, argv: list[str], i: int, attempt: int) -> dic
         vm.wait_shell(120)
         pid = peers.vmm_pid(box, vm.pid()) if key == "ch" else vm.pid()   # CH runs under ch-ptyrun
         mem = measure_memory(box, pid, MEM_MIB)
-        vm.send("poweroff")
+        vm.send("reboot" if key == "fc" else "poweroff")   # FC: no ACPI power-off, reboot=k ends it
         try:
             rc = vm.wait_exit(30)
         except AssertionError:
@@ -118,8 +145,12 @@ def one_run(box: tb.Box, key: str, argv: list[str], i: int, attempt: int) -> dic
         boot_ms = (float(t1.group(1)) - float(t0.group(1))) * 1000
         return {"ok": True, "boot_ms": boot_ms, **mem, "poweroff_rc": rc}
     except (AssertionError, tb.BoxError, TimeoutError) as e:
-        # a flake of the box (see box.retry_on_flake) is worth another try
-        flake = isinstance(e, tb.BootStall) or not box.alive()
+        # a flake of the box (see box.retry_on_flake) is worth another try; Firecracker ends with
+        # status 1 on the L2 triple fault that ends ours with 0 (KVM_EXIT_SHUTDOWN: no reboot=k reset)
+        # (box.retry_on_flake: ours stops with "the guest triple-faulted" there)
+        flake = (isinstance(e, tb.BootStall) or not box.alive()
+                 or (key in OURS and "the guest triple-faulted" in str(e))
+                 or (key == "fc" and "exit reason on vcpu run: Shutdown" in str(e)))
         if not box.alive():
             e = tb.BoxError(f"L1 died: {box.crash_signature()}")
         tail = vm.diagnostics(15) if box.alive() else ""
@@ -136,7 +167,7 @@ def fmt(v, unit=""):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--vmms", default="ours,q35,microvm,ch")
+    ap.add_argument("--vmms", default="ours,ours-cold,ours-bz,q35,microvm,ch,fc")
     ap.add_argument("--json", help="write the raw results there")
     args = ap.parse_args()
     keys = [k.strip() for k in args.vmms.split(",") if k.strip()]
@@ -147,14 +178,20 @@ def main() -> int:
         print(peers.SKIP_LINE)
         keys.remove("ch")
         del results["ch"]
-    with tb.Box(with_qemu=True, extra_bins=peers.box_extra_bins() if ch else None) as box:
+    fc = peers.fc_bins() if "fc" in keys else None
+    if "fc" in keys and not fc:
+        print(peers.FC_SKIP_LINE)
+        keys.remove("fc")
+        del results["fc"]
+    with tb.Box(with_qemu=True,
+                extra_bins=peers.box_extra_bins(ch=bool(ch), fc=bool(fc)) if ch or fc else None) as box:
         argvs = {}
         for k in keys:
-            if k == "ours":
+            if k in OURS:
                 if not box.has_vmm() and not tb.l2_is_qemu():
                     notes[k] = "no vmm binary (build it or set VMM_BIN)"
                     continue
-                argvs[k] = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB), name="bench")
+                argvs[k] = ours_argv(box, k, 0, 0)
                 if tb.l2_is_qemu():
                     notes[k] = "TESTBOX_L2=qemu: QEMU q35 stands in for our vmm"
             elif k == "q35":
@@ -163,19 +200,26 @@ def main() -> int:
                 argvs[k] = qemu_microvm()
             elif k == "ch":
                 argvs[k] = peers.ch_argv(MEM_MIB, CPUS)
+            elif k == "fc":
+                argvs[k] = peers.fc_argv(box, MEM_MIB, CPUS)
             else:
                 raise SystemExit(f"unknown VMM {k}")
         # warm L1's page cache: the first run must not pay for reading the kernel from the payload disk
-        warm = f"cat {tb.L1_KERNEL} {tb.L1_INITRD} {peers.L1_VMLINUX if ch else ''} > /dev/null"
+        warm = f"cat {tb.L1_KERNEL} {tb.L1_INITRD} {peers.L1_VMLINUX if ch or fc else ''} > /dev/null"
         box.check(warm)
+        if "ours" in argvs and not tb.l2_is_qemu():   # fill the kernel cache: an untimed boot
+            r = one_run(box, "ours", argvs["ours"], -1, 1)
+            tb.log(f"ours: warm-up boot {'done' if r['ok'] else 'failed: ' + r['error']}")
         for i in range(args.reps):
             for k, argv in argvs.items():
                 for attempt in (1, 2, 3):   # up to two more tries after a flake of the box
                     if not box.alive():
                         box.restart()
                         box.check(warm)
-                    if k == "ours":   # (re)writes vm.json in L1: a restarted L1 has lost it
-                        argv = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB), name="bench")
+                    if k in OURS:   # (re)writes vm.json in L1: a restarted L1 has lost it
+                        argv = ours_argv(box, k, i, attempt)
+                    elif k == "fc":   # the same for its config file
+                        argv = peers.fc_argv(box, MEM_MIB, CPUS)
                     r = one_run(box, k, argv, i, attempt)
                     if r["ok"] or not r.get("flake"):
                         break
@@ -231,6 +275,10 @@ def main() -> int:
     if ch:
         print(f"ch: {peers.ch_version(ch[0])}, the same kernel as ELF vmlinux (PVH entry), "
               f"console on its legacy serial port")
+    if fc:
+        print(f"fc: {peers.fc_version(fc)}, the same kernel as ELF vmlinux (PVH entry), console on its "
+              f"legacy serial port; cmdline \"{peers.FC_CMDLINE}\" + pci=off (no PCI bus), no RTC, "
+              f"no ACPI power-off (stopped by the guest's reboot)")
     for k, n in notes.items():
         if summary.get(k):
             print(f"note ({k}): {n}")
@@ -239,16 +287,17 @@ def main() -> int:
         if s and s["note"]:
             print(f"note ({k}): {s['note']}")
     print()
-    ours = summary.get("ours")
-    for ref in ("q35", "microvm", "ch"):
-        r = summary.get(ref)
-        if ours and r:
-            print(f"ours/{ref}: boot time x{ours['boot_ms'] / r['boot_ms']:.2f}, "
-                  f"memory overhead (RSS) x{ours['overhead_rss_mib'] / r['overhead_rss_mib']:.2f}, "
-                  f"(PSS) x{ours['overhead_pss_mib'] / r['overhead_pss_mib']:.2f}")
-        elif ref in keys:
-            why = "ours not measured" if not ours else f"{ref} not measured"
-            print(f"ours/{ref}: n/a ({why})")
+    for mine in (k for k in OURS if k in keys):
+        ours = summary.get(mine)
+        for ref in ("q35", "microvm", "ch", "fc"):
+            r = summary.get(ref)
+            if ours and r:
+                print(f"{mine}/{ref}: boot time x{ours['boot_ms'] / r['boot_ms']:.2f}, "
+                      f"memory overhead (RSS) x{ours['overhead_rss_mib'] / r['overhead_rss_mib']:.2f}, "
+                      f"(PSS) x{ours['overhead_pss_mib'] / r['overhead_pss_mib']:.2f}")
+            elif ref in keys:
+                why = f"{mine} not measured" if not ours else f"{ref} not measured"
+                print(f"{mine}/{ref}: n/a ({why})")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "notes": notes}, indent=1))
     # failure: a VMM that should have been measured (not explained by a note) has no result

@@ -1,18 +1,22 @@
-"""Peer VMMs for the benchmarks (issue 18): Cloud Hypervisor as a column beside QEMU.
+"""Peer VMMs for the benchmarks (issue 18): Cloud Hypervisor and Firecracker as columns beside QEMU.
 
 CH_BIN=PATH (scripts/build-cloud-hypervisor.sh builds build/peers/cloud-hypervisor and ch-remote)
 adds the column; ch-remote is taken from CH_REMOTE_BIN, else next to CH_BIN. Unset or missing: the
 benchmarks print SKIP_LINE and measure nothing for it (never faked numbers).
+FC_BIN=PATH (scripts/build-firecracker.sh builds build/peers/firecracker) does the same for
+Firecracker (bench_boot.py only), FC_SKIP_LINE when unset.
 
 Cloud Hypervisor boots the same guest kernel through its fastest path, the ELF vmlinux (PVH entry):
 extracted here from the guest's bzImage (build/guest/vmlinuz) like the kernel's own
 scripts/extract-vmlinux, cached in build/peers/ and copied into L1 with the binaries
-(Box(extra_bins=...): they land in /usr/bin of L1).
+(Box(extra_bins=...): they land in /usr/bin of L1). Firecracker boots that same vmlinux (it loads
+only ELF kernels on x86_64; PVH entry too).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import bz2
 import os
@@ -27,7 +31,8 @@ import box as tb
 PEERS = tb.BUILD / "peers"
 SKIP_LINE = ("Cloud Hypervisor: skipped (set CH_BIN=...; scripts/build-cloud-hypervisor.sh "
              "builds it)")
-VMLINUX_NAME = "ch-guest-vmlinux"          # its name in L1: /usr/bin/ch-guest-vmlinux
+FC_SKIP_LINE = "Firecracker: skipped (set FC_BIN=...; scripts/build-firecracker.sh builds it)"
+VMLINUX_NAME = "ch-guest-vmlinux"          # its name in L1: /usr/bin/ch-guest-vmlinux (CH and FC)
 L1_VMLINUX = f"/usr/bin/{VMLINUX_NAME}"
 
 
@@ -47,12 +52,31 @@ def ch_bins() -> tuple[Path, Path] | None:
     return ch_p, rem
 
 
+def fc_bins() -> Path | None:
+    """The firecracker binary from FC_BIN, or None when not usable."""
+    fc = os.environ.get("FC_BIN")
+    if not fc:
+        return None
+    if not (Path(fc).is_file() and os.access(fc, os.X_OK)):
+        tb.log(f"FC_BIN={fc}: not an executable file")
+        return None
+    return Path(fc)
+
+
 def ch_version(ch: Path) -> str:
+    return _version(ch)
+
+
+def fc_version(fc: Path) -> str:
+    return _version(fc)
+
+
+def _version(binary: Path) -> str:
     try:
-        return subprocess.run([str(ch), "--version"], capture_output=True, text=True,
+        return subprocess.run([str(binary), "--version"], capture_output=True, text=True,
                               timeout=10).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        return "cloud-hypervisor (version unknown)"
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return f"{binary.name} (version unknown)"
 
 
 # ---- vmlinux from a bzImage ---------------------------------------------------------------------
@@ -131,14 +155,21 @@ def guest_vmlinux() -> Path:
     return out
 
 
-def box_extra_bins() -> list[str]:
-    """Extra files for Box(extra_bins=...): cloud-hypervisor, ch-remote and the guest vmlinux;
-    empty when CH_BIN is not set or usable."""
-    bins = ch_bins()
-    if not bins:
-        return []
-    tb.build_guest()
-    return [str(bins[0]), str(bins[1]), str(guest_vmlinux()), str(ptyrun())]
+def box_extra_bins(ch: bool = True, fc: bool = True) -> list[str]:
+    """Extra files for Box(extra_bins=...): cloud-hypervisor, ch-remote and ch-ptyrun (ch, when
+    CH_BIN is usable), firecracker (fc, when FC_BIN is usable), and the guest vmlinux for both;
+    empty when none is."""
+    bins: list[str] = []
+    chb = ch_bins() if ch else None
+    if chb:
+        bins += [str(chb[0]), str(chb[1]), str(ptyrun())]
+    fcb = fc_bins() if fc else None
+    if fcb:
+        bins.append(str(fcb))
+    if bins:
+        tb.build_guest()
+        bins.append(str(guest_vmlinux()))
+    return bins
 
 
 # ---- a pty for its console ----------------------------------------------------------------------
@@ -222,3 +253,30 @@ def ch_argv(mem_mib: int, cpus: int, api_socket: str | None = None, cmdline: str
     if api_socket:
         argv += ["--api-socket", f"path={api_socket}"]
     return argv + list(extra or [])
+
+
+# Firecracker's own defaults: reboot=k (the guest's `reboot` resets through the i8042, which ends
+# Firecracker; its ACPI is hardware-reduced with S0 only, so a guest `poweroff` halts and leaves it
+# running) and it appends pci=off itself (no PCI unless --enable-pci). panic=1 and the rest of its
+# default boot_args (8250.nr_uarts=0 would even hide the console) are left out to stay close to ours.
+FC_CMDLINE = "console=ttyS0 reboot=k"
+
+
+def fc_argv(box: tb.Box, mem_mib: int, cpus: int, cmdline: str = FC_CMDLINE,
+            name: str = "fc") -> list[str]:
+    """firecracker booting the test guest (vmlinux + initramfs) from a config file written to L1
+    (/tmp/NAME.json; --no-api: no API socket), its console on stdio (the legacy serial port,
+    ttyS0; stdin, a FIFO, is read as console input), its log on stderr, no virtio device (no
+    disk, no net). The gnu build carries an empty seccomp policy (scripts/build-firecracker.sh),
+    so no --no-seccomp is needed."""
+    config = {
+        "boot-source": {"kernel_image_path": L1_VMLINUX, "initrd_path": tb.L1_INITRD,
+                        "boot_args": cmdline},
+        "machine-config": {"vcpu_count": cpus, "mem_size_mib": mem_mib},
+        "drives": [],
+    }
+    path = f"/tmp/{name}.json"
+    box.write_file(path, json.dumps(config, indent=1))
+    # its log defaults to stdout: --log-path (applied before its first line, unlike the config's
+    # "logger") keeps stdout for the console alone
+    return ["firecracker", "--no-api", "--config-file", path, "--log-path", "/proc/self/fd/2"]

@@ -35,10 +35,10 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 /// The initrd is placed on a page boundary.
 const INITRD_ALIGN: u64 = 0x1000;
 
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+pub(crate) const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
 const EI_CLASS: usize = 4;
 const ELFCLASS32: u8 = 1;
-const ELFCLASS64: u8 = 2;
+pub(crate) const ELFCLASS64: u8 = 2;
 
 /// Errors while loading the kernel, the initrd or the command line.
 #[derive(Debug, thiserror::Error)]
