@@ -384,6 +384,10 @@ fn coalesce_serial_output(
             return None;
         }
     };
+    if let Err(e) = crate::coalesced::spawn_drainer(&ring, &devices.pio, &devices.mmio) {
+        log::warn!("cannot start the coalesced I/O drainer, serial output exits per byte: {e}");
+        return None;
+    }
     let hook = crate::coalesced::plain_tx_hook(vm.fd().clone(), boot::layout::COM1_PORT);
     crate::lock(&devices.serial).set_plain_tx_hook(hook);
     Some(ring)

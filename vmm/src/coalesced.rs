@@ -9,6 +9,10 @@
 //! guest. The zone is dropped as soon as the guest enables the transmit interrupt (a queued
 //! write would raise it late) or loopback, and added back when they are off again.
 //!
+//! A guest that writes and then idles (a `hlt` KVM handles in the kernel) makes no exit that
+//! would drain the ring, so [`spawn_drainer`] also drains it every [`DRAIN_PERIOD`] from a
+//! thread of its own: output is late by at most that much, never stuck.
+//!
 //! Ordering: every exit drains the ring first, so a register access that is an exit (the status
 //! read, an IER or LCR write) sees all earlier queued writes applied, as on hardware. An exit of
 //! vCPU A drains what vCPU B queued too; the drain holds a lock, so entries are applied once and
@@ -18,7 +22,8 @@
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use devices::bus::Bus;
 use devices::serial::PlainTxHook;
@@ -154,4 +159,30 @@ pub fn plain_tx_hook(vm: Arc<VmFd>, port: u16) -> PlainTxHook {
             ),
         }
     })
+}
+
+/// How often [`spawn_drainer`] drains the ring.
+pub const DRAIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// Starts a thread that drains `ring` into the buses every [`DRAIN_PERIOD`] for as long as the
+/// ring lives (it holds only weak references: it ends within a period of the VM's teardown).
+pub fn spawn_drainer(ring: &Arc<CoalescedRing>, pio: &Arc<Bus>, mmio: &Arc<Bus>) -> io::Result<()> {
+    let (ring, pio, mmio): (Weak<CoalescedRing>, Weak<Bus>, Weak<Bus>) = (
+        Arc::downgrade(ring),
+        Arc::downgrade(pio),
+        Arc::downgrade(mmio),
+    );
+    std::thread::Builder::new()
+        .name("coalesced-io".into())
+        .stack_size(64 << 10)
+        .spawn(move || loop {
+            std::thread::sleep(DRAIN_PERIOD);
+            let (Some(ring), Some(pio), Some(mmio)) =
+                (ring.upgrade(), pio.upgrade(), mmio.upgrade())
+            else {
+                return;
+            };
+            ring.drain(&pio, &mmio);
+        })
+        .map(drop)
 }
