@@ -24,11 +24,11 @@ bzImage is decompressed on the host, a kernel's first boot), "ours-bz" the bzIma
 (--no-decompress: the guest decompresses itself).
 
 Environment as for box.py (VMM_BIN; TESTBOX_L2=qemu makes "ours" a QEMU q35 stand-in).
-CH_BIN=PATH adds Cloud Hypervisor ("ch", peers.py; scripts/build-cloud-hypervisor.sh builds it): it
+CH_BIN=PATH adds Cloud Hypervisor ("ch", peers.py): it
 boots the same kernel through its fastest path, the ELF vmlinux extracted from the guest's bzImage
 (PVH entry), with the same initramfs and command line, the console on the legacy serial port.
 Without CH_BIN the column is skipped with a line that says so.
-FC_BIN=PATH adds Firecracker ("fc", peers.py; scripts/build-firecracker.sh builds it), the same way:
+FC_BIN=PATH adds Firecracker ("fc", peers.py), the same way:
 the same ELF vmlinux (it boots nothing else on x86_64), initramfs and console; its command line has
 reboot=k added and pci=off appended by Firecracker (it has no PCI bus by default; nor a CMOS RTC),
 and it is stopped with the guest's `reboot` (its ACPI has no S5: no power-off). Without FC_BIN the

@@ -22,8 +22,7 @@ Measured for each VMM:
 
     python3 tests/testbox/bench_snapshot.py [--reps 3] [--vmms ours,qemu,ch] [--json out.json] [--verbose]
 
-Cloud Hypervisor ("ch", with CH_BIN=PATH; peers.py, scripts/build-cloud-hypervisor.sh builds it and
-ch-remote): the guest booted from the same kernel as ELF vmlinux, same initramfs; save = in L1,
+Cloud Hypervisor ("ch", with CH_BIN=PATH; peers.py; ch-remote next to it): the guest booted from the same kernel as ELF vmlinux, same initramfs; save = in L1,
 `ch-remote pause` + `ch-remote snapshot file:///tmp/DIR` (timed by busybox ts, in L1: no host
 round trip, unlike the QMP figures), size = the snapshot directory (config.json, state.json,
 memory-ranges), restore = `cloud-hypervisor --restore source_url=file:///tmp/DIR,resume=true` (its

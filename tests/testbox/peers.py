@@ -1,9 +1,9 @@
 """Peer VMMs for the benchmarks (issue 18): Cloud Hypervisor and Firecracker as columns beside QEMU.
 
-CH_BIN=PATH (scripts/build-cloud-hypervisor.sh builds build/peers/cloud-hypervisor and ch-remote)
-adds the column; ch-remote is taken from CH_REMOTE_BIN, else next to CH_BIN. Unset or missing: the
+CH_BIN=PATH (a cloud-hypervisor binary you built; none of its code or build recipe is in this
+repository) adds the column; ch-remote is taken from CH_REMOTE_BIN, else next to CH_BIN. Unset or missing: the
 benchmarks print SKIP_LINE and measure nothing for it (never faked numbers).
-FC_BIN=PATH (scripts/build-firecracker.sh builds build/peers/firecracker) does the same for
+FC_BIN=PATH (a firecracker binary, likewise) does the same for
 Firecracker (bench_boot.py only), FC_SKIP_LINE when unset.
 
 Cloud Hypervisor boots the same guest kernel through its fastest path, the ELF vmlinux (PVH entry):
@@ -29,9 +29,8 @@ from pathlib import Path
 import box as tb
 
 PEERS = tb.BUILD / "peers"
-SKIP_LINE = ("Cloud Hypervisor: skipped (set CH_BIN=...; scripts/build-cloud-hypervisor.sh "
-             "builds it)")
-FC_SKIP_LINE = "Firecracker: skipped (set FC_BIN=...; scripts/build-firecracker.sh builds it)"
+SKIP_LINE = "Cloud Hypervisor: skipped (set CH_BIN to a cloud-hypervisor binary)"
+FC_SKIP_LINE = "Firecracker: skipped (set FC_BIN to a firecracker binary)"
 VMLINUX_NAME = "ch-guest-vmlinux"          # its name in L1: /usr/bin/ch-guest-vmlinux (CH and FC)
 L1_VMLINUX = f"/usr/bin/{VMLINUX_NAME}"
 
@@ -267,8 +266,8 @@ def fc_argv(box: tb.Box, mem_mib: int, cpus: int, cmdline: str = FC_CMDLINE,
     """firecracker booting the test guest (vmlinux + initramfs) from a config file written to L1
     (/tmp/NAME.json; --no-api: no API socket), its console on stdio (the legacy serial port,
     ttyS0; stdin, a FIFO, is read as console input), its log on stderr, no virtio device (no
-    disk, no net). The gnu build carries an empty seccomp policy (scripts/build-firecracker.sh),
-    so no --no-seccomp is needed."""
+    disk, no net). A gnu-target build carries Firecracker's empty seccomp policy, so no
+    --no-seccomp is needed."""
     config = {
         "boot-source": {"kernel_image_path": L1_VMLINUX, "initrd_path": tb.L1_INITRD,
                         "boot_args": cmdline},
