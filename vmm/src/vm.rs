@@ -200,10 +200,10 @@ impl GuestRam {
         };
         if let Some(ram) = pooled {
             for &(_, len, host) in &ram.ranges {
+                let addr = host as *mut libc::c_void;
                 // SAFETY: the range is a private anonymous mapping this pool owns and no VM uses
                 // (its last VM is gone); dropping its pages makes it read as zeros.
-                let r =
-                    unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+                let r = unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) };
                 if r != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -229,10 +229,10 @@ impl GuestRam {
         let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
         let mut regions = Vec::with_capacity(self.ranges.len());
         for &(gpa, len, host) in &self.ranges {
+            let builder = MmapRegionBuilder::new(len);
             // SAFETY: [host, host + len) is a live mapping owned by this `GuestRam`, which
             // outlives every VM using it (it is pooled or leaked, never unmapped while in use).
-            let builder =
-                unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(host as *mut u8) };
+            let builder = unsafe { builder.with_raw_mmap_pointer(host as *mut u8) };
             let region = builder
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
@@ -294,28 +294,21 @@ fn map_aligned(len: usize, phase: usize) -> std::io::Result<usize> {
             0,
         )
     };
-    let mapped = addr != libc::MAP_FAILED;
-    let err = std::io::Error::last_os_error();
-    // SAFETY: the parts of the reservation around the mapping (or all of it on failure) are
-    // ours and unused.
-    unsafe {
-        let keep = if mapped {
-            start..start + len
-        } else {
-            base..base
-        };
-        if keep.start > base {
-            libc::munmap(base as *mut libc::c_void, keep.start - base);
-        }
-        if mapped && base + span > keep.end {
-            libc::munmap(keep.end as *mut libc::c_void, base + span - keep.end);
-        }
-        if !mapped {
-            libc::munmap(base as *mut libc::c_void, span);
-        }
-    }
-    if !mapped {
+    if addr == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the whole reservation is ours and unused.
+        unsafe { libc::munmap(base as *mut libc::c_void, span) };
         return Err(err);
+    }
+    let end = start + len;
+    // SAFETY: the parts of the reservation before and after the mapping are ours and unused.
+    unsafe {
+        if start > base {
+            libc::munmap(base as *mut libc::c_void, start - base);
+        }
+        if base + span > end {
+            libc::munmap(end as *mut libc::c_void, base + span - end);
+        }
     }
     // SAFETY: advice on the mapping just made. Failure (no THP in this kernel) is harmless.
     unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
