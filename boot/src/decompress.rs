@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_VMLINUX_SIZE: usize = 512 << 20;
 /// Offset of the setup header in a bzImage.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
 /// Where the setup header ends: [`bzimage_header`] needs this many leading bytes.
-pub const SETUP_HEADER_END: usize = SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>();
+const SETUP_HEADER_END: usize = SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>();
 /// "HdrS": the setup header magic.
 const BZIMAGE_MAGIC: u32 = 0x5372_6448;
 /// Boot protocol 2.08: the first with `payload_offset` and `payload_length`.

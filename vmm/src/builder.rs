@@ -406,11 +406,13 @@ fn load_extracted_kernel(
     kernel: &mut File,
 ) -> Option<boot::loader::KernelInfo> {
     use crate::kernel_cache::{self, Extracted, KernelCache};
-    use std::io::Read;
 
-    if boot::loader::probe_kernel(kernel).ok()? != boot::loader::KernelFormat::BzImage {
-        return None;
-    }
+    // Not a bzImage, or a header the bzImage path refuses too (it reports that, without a
+    // warning first): no extraction.
+    let header = boot::loader::bzimage_header(kernel)
+        .ok()
+        .flatten()
+        .filter(|h| boot::loader::check_bzimage_header(h).is_ok())?;
     let fall_back = |why: &dyn std::fmt::Display| {
         eprintln!(
             "vmm: {}: booting the bzImage as it is (the guest decompresses itself): {why}",
@@ -418,17 +420,6 @@ fn load_extracted_kernel(
         );
         None
     };
-    // The setup header; one the bzImage path refuses too is reported there, without a warning.
-    let mut head = Vec::new();
-    if let Err(e) = std::io::Seek::rewind(kernel).and_then(|()| {
-        (&mut *kernel)
-            .take(boot::decompress::SETUP_HEADER_END as u64)
-            .read_to_end(&mut head)
-    }) {
-        return fall_back(&e);
-    }
-    let header = boot::decompress::bzimage_header(&head)
-        .filter(|h| boot::loader::check_bzimage_header(h).is_ok())?;
     let cache = KernelCache::from_env();
     let loaded = match kernel_cache::extract(kernel, cache.as_ref()) {
         Ok(Extracted::Cache { mut file, key }) => {

@@ -261,6 +261,15 @@ where
     }
 }
 
+/// The setup header of `kernel` if it is a bzImage (`None` for anything else), read the way
+/// [`probe_kernel`] reads it.
+pub fn bzimage_header<F: Read + Seek>(kernel: &mut F) -> Result<Option<setup_header>, LoaderError> {
+    Ok(match read_head(kernel)?.kind {
+        Some((KernelFormat::BzImage, hdr)) => hdr,
+        _ => None,
+    })
+}
+
 /// Checks that a bzImage header describes a kernel we can enter at its 64-bit entry
 /// (boot protocol 2.12+, loaded high, `XLF_KERNEL_64`).
 pub fn check_bzimage_header(hdr: &setup_header) -> Result<(), LoaderError> {

@@ -387,3 +387,16 @@ fn extracted_vmlinux_is_checked() {
         Err(LoaderError::KernelTooBig { .. })
     ));
 }
+
+#[test]
+fn bzimage_header_is_read_only_from_bzimages() {
+    let hdr = bzimage_header(&mut Cursor::new(good_bzimage()))
+        .unwrap()
+        .expect("a bzImage");
+    assert_eq!({ hdr.header }, BZIMAGE_MAGIC);
+    let elf = elf(ELFCLASS64, EM_X86_64, 0x100_0000, 0x2000);
+    assert!(bzimage_header(&mut Cursor::new(elf)).unwrap().is_none());
+    assert!(bzimage_header(&mut Cursor::new(b"junk".to_vec()))
+        .unwrap()
+        .is_none());
+}
