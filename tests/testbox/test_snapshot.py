@@ -37,8 +37,8 @@ QMP = ["--qmp", "tcp:0.0.0.0:4444"]
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 # Output lines of the guest's background loops. Not anchored at the line start: a loop's line may
 # follow the shell's prompt, or a character the tty echoed, on the same console line.
-COUNT_RE = r"COUNT (\d+)\r?$"
-WROTE_RE = r"WROTE (\d+)\r?$"
+COUNT_RE = r"COUNT (\d+)\r?\n"
+WROTE_RE = r"WROTE (\d+)\r?\n"
 
 pytestmark = pytest.mark.skipif(tb.l2_is_qemu(), reason="restores our vmm's own state files")
 
@@ -255,7 +255,7 @@ def test_snapshot_qmp_restore_continues(box, vms, up_regex):
     wait_number_at_least(b, first + 3)
 
     b.send("touch /tmp/stop-count")
-    end = int(b.wait_for(r"COUNT-END (\d+)\r?$", 60).group(1))
+    end = int(b.wait_for(r"COUNT-END (\d+)\r?\n", 60).group(1))
     assert guest_value(b, "tail -n 1 /mnt/count", "LAST") == str(end)
     out = b.guest_cmd("umount /mnt && echo UNMOUNTED", timeout=120)
     assert "UNMOUNTED" in out, out
