@@ -51,9 +51,9 @@ pub const UART_FIFO_SIZE: usize = 64;
 const IER_THRI: u8 = 0x02;
 /// MCR bit: loopback mode.
 const MCR_LOOP: u8 = 0x10;
-/// Register offsets after whose write the THR's side effects may have changed (IER or DLM,
-/// LCR, MCR).
-const TX_PATH_REGISTERS: [u8; 3] = [1, 3, 4];
+/// Register offsets after whose write the THR's side effects may have changed: IER (DLM while
+/// DLAB is set, which changes nothing but costs only a check) and MCR.
+const TX_PATH_REGISTERS: [u8; 2] = [1, 4];
 
 /// Called with `true` when writes to the transmit holding register (offset 0, or the divisor
 /// latch while DLAB is set) have no effect besides the output, `false` when they may raise an
