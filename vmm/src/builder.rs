@@ -284,9 +284,7 @@ pub fn build_vm(
         match vcpu.start(shared.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
-                if !crate::vcpu::stop_all(&control, threads, crate::VCPU_STOP_TIMEOUT) {
-                    vm.abandon_ram();
-                }
+                vm.stop_vcpus(&control, threads, crate::VCPU_STOP_TIMEOUT);
                 return Err(e.into());
             }
         }

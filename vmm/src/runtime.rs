@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::RunningVm;
 use crate::console::SerialBackend;
-use crate::vcpu::{self, VcpuExitReason};
+use crate::vcpu::VcpuExitReason;
 use crate::{lock, VmmError, VCPU_STOP_TIMEOUT};
 
 /// How long a pause request waits for the vCPUs to leave the guest.
@@ -433,10 +433,9 @@ impl MutEventSubscriber for Control {
 impl Drop for Control {
     fn drop(&mut self) {
         let threads = std::mem::take(&mut self.vm.threads);
-        if !vcpu::stop_all(&self.vm.control, threads, VCPU_STOP_TIMEOUT) {
-            // A vCPU still in KVM_RUN may touch guest RAM: never hand it to another VM.
-            self.vm.vm.abandon_ram();
-        }
+        self.vm
+            .vm
+            .stop_vcpus(&self.vm.control, threads, VCPU_STOP_TIMEOUT);
     }
 }
 

@@ -138,11 +138,18 @@ impl Vm {
         &self.memory
     }
 
-    /// Keeps this VM's RAM out of the pool for good: a vCPU thread that could not be stopped
-    /// may still run guest code in it.
-    pub fn abandon_ram(&mut self) {
-        if let Some(ram) = self.ram.take() {
-            std::mem::forget(ram);
+    /// Stops this VM's vCPU threads ([`crate::vcpu::stop_all`]). If one cannot be stopped, the
+    /// VM's RAM stays out of the pool for good: that thread may still run guest code in it.
+    pub fn stop_vcpus(
+        &mut self,
+        control: &crate::vcpu::VcpuControl,
+        threads: Vec<std::thread::JoinHandle<()>>,
+        timeout: std::time::Duration,
+    ) {
+        if !crate::vcpu::stop_all(control, threads, timeout) {
+            if let Some(ram) = self.ram.take() {
+                std::mem::forget(ram);
+            }
         }
     }
 
