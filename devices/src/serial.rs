@@ -13,12 +13,6 @@
 //! Only single-byte accesses within the 8 registers are meaningful; anything else reads as
 //! 0xff and writes are ignored.
 //!
-//! - A VMM can take guest output without a VM exit per byte (KVM's coalesced port I/O on the
-//!   transmit holding register) as long as a THR write has no effect besides the output: no
-//!   transmit interrupt enabled, no loopback. [`Serial::set_plain_tx_hook`] tells it when that
-//!   changes; the VMM must then hand the coalesced writes to the device, in order, before any
-//!   other access to it.
-//!
 //! State ([`Persist`]): the UART registers and receive FIFO ([`SerialState`]) plus the pending
 //! host input. The output sink, the interrupt line and the room EventFd are constructor
 //! arguments.
@@ -46,19 +40,6 @@ pub const INPUT_QUEUE_CAPACITY: usize = 64 * 1024;
 
 /// Size of the UART's receive FIFO (16550A).
 pub const UART_FIFO_SIZE: usize = 64;
-
-/// IER bit: transmit holding register empty interrupt.
-const IER_THRI: u8 = 0x02;
-/// MCR bit: loopback mode.
-const MCR_LOOP: u8 = 0x10;
-/// Register offsets after whose write the THR's side effects may have changed: IER (DLM while
-/// DLAB is set, which changes nothing but costs only a check) and MCR.
-const TX_PATH_REGISTERS: [u8; 2] = [1, 4];
-
-/// Called with `true` when writes to the transmit holding register (offset 0, or the divisor
-/// latch while DLAB is set) have no effect besides the output, `false` when they may raise an
-/// interrupt or loop back; called once when set and then on every change.
-pub type PlainTxHook = Box<dyn FnMut(bool) + Send>;
 
 /// Adapts an [`InterruptLine`] to `vm_superio`'s `Trigger`.
 ///
@@ -107,8 +88,6 @@ pub struct Serial {
     room_evt: Option<EventFd>,
     /// Whether `enqueue_input` refused bytes since the last room notification.
     input_refused: bool,
-    /// Told when THR writes become plain or stop being so, with what it was last told.
-    plain_tx_hook: Option<(PlainTxHook, bool)>,
 }
 
 impl std::fmt::Debug for Serial {
@@ -138,32 +117,6 @@ impl Serial {
             capacity,
             room_evt: None,
             input_refused: false,
-            plain_tx_hook: None,
-        }
-    }
-
-    /// Sets the hook told whether THR writes are plain (see [`PlainTxHook`]); it is called
-    /// right away with the current answer.
-    pub fn set_plain_tx_hook(&mut self, mut hook: PlainTxHook) {
-        let plain = self.plain_tx();
-        hook(plain);
-        self.plain_tx_hook = Some((hook, plain));
-    }
-
-    /// Whether a write to the THR only outputs a byte: the transmit interrupt is off and the
-    /// UART is not in loopback (where it would feed the receive FIFO).
-    pub fn plain_tx(&self) -> bool {
-        let s = self.uart.state();
-        s.interrupt_enable & IER_THRI == 0 && s.modem_control & MCR_LOOP == 0
-    }
-
-    fn report_tx_path(&mut self) {
-        let plain = self.plain_tx();
-        if let Some((hook, told)) = &mut self.plain_tx_hook {
-            if *told != plain {
-                hook(plain);
-                *told = plain;
-            }
         }
     }
 
@@ -363,7 +316,6 @@ impl Persist for Serial {
         }
         self.pending = state.pending.iter().copied().collect();
         self.input_refused = false;
-        self.report_tx_path();
         Ok(())
     }
 }
@@ -387,9 +339,6 @@ impl BusDevice for Serial {
         // The lossy sink never fails, the trigger never reports, a write never fills the FIFO.
         if let Err(e) = self.uart.write(reg, data[0]) {
             log::debug!("serial: register write failed: {e}");
-        }
-        if TX_PATH_REGISTERS.contains(&reg) {
-            self.report_tx_path();
         }
         self.fill_fifo();
     }
@@ -448,31 +397,6 @@ mod tests {
             s.write(THR, &[b]);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"Linux version");
-    }
-
-    #[test]
-    fn plain_tx_hook_follows_the_transmit_interrupt_and_loopback() {
-        let (mut s, line, sink) = serial();
-        let told = Arc::new(Mutex::new(Vec::new()));
-        let t = told.clone();
-        s.set_plain_tx_hook(Box::new(move |plain| t.lock().unwrap().push(plain)));
-        s.write(THR, b"a");
-        s.write(IER, &[IER_RDA]); // no change: the receive interrupt is not a THR side effect
-        s.write(IER, &[IER_RDA | IER_THRI]);
-        s.write(IER, &[IER_RDA | IER_THRI]); // told once per change
-        s.write(IER, &[0]);
-        s.write(MCR, &[MCR_LOOP]);
-        s.write(MCR, &[0]);
-        assert_eq!(*told.lock().unwrap(), [true, false, true, false, true]);
-        assert_eq!(&*sink.0.lock().unwrap(), b"a");
-
-        // A restored UART tells the hook what the restored registers mean.
-        let (mut src, _, _) = serial();
-        src.write(IER, &[IER_THRI]);
-        s.restore(&src.save()).unwrap();
-        assert_eq!(told.lock().unwrap().last(), Some(&false));
-        assert!(!s.plain_tx());
-        drop(line);
     }
 
     #[test]

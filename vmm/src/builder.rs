@@ -258,8 +258,6 @@ pub fn build_vm(
         });
     }
 
-    let coalesced = coalesce_serial_output(hv, &vm, &vcpus, &devices);
-
     if restore.is_some() {
         // A notification that arrived while the state was taken is replayed now that the
         // vCPUs its interrupts go to exist.
@@ -277,7 +275,6 @@ pub fn build_vm(
         control: control.clone(),
         events: tx,
         events_evt: vcpu_evt.clone(),
-        coalesced,
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -360,35 +357,6 @@ fn boot_guest(
     )
     .map_err(BuildError::BootParams)?;
     Ok(kernel.entry)
-}
-
-/// Lets the guest's serial output bypass a VM exit per byte while that is exact (see
-/// [`crate::coalesced`]): maps the coalesced ring and gives COM1 the hook that queues its THR
-/// writes. `None` (every write an exit, as before) when KVM lacks coalesced port I/O or the
-/// ring cannot be mapped.
-fn coalesce_serial_output(
-    hv: &Hypervisor,
-    vm: &Vm,
-    vcpus: &[Vcpu],
-    devices: &PlatformDevices,
-) -> Option<Arc<crate::coalesced::CoalescedRing>> {
-    if !hv.kvm().check_extension(kvm_ioctls::Cap::CoalescedPio) {
-        return None;
-    }
-    let ring = match vcpus.first()?.map_coalesced_ring() {
-        Ok(r) => Arc::new(r),
-        Err(e) => {
-            log::warn!("coalesced I/O ring unavailable, serial output exits per byte: {e}");
-            return None;
-        }
-    };
-    if let Err(e) = crate::coalesced::spawn_drainer(&ring, &devices.pio, &devices.mmio) {
-        log::warn!("cannot start the coalesced I/O drainer, serial output exits per byte: {e}");
-        return None;
-    }
-    let hook = crate::coalesced::plain_tx_hook(vm.fd().clone(), boot::layout::COM1_PORT);
-    crate::lock(&devices.serial).set_plain_tx_hook(hook);
-    Some(ring)
 }
 
 /// The fast way to boot a bzImage: its vmlinux, extracted on the host (or taken from the

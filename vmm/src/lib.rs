@@ -7,7 +7,6 @@
 
 pub mod builder;
 pub mod cli;
-pub mod coalesced;
 pub mod console;
 pub mod ctl;
 pub mod device_manager;

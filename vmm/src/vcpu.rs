@@ -18,7 +18,6 @@ use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::coalesced::CoalescedRing;
 use crate::snapshot::cpu::{CpuStateError, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
@@ -328,18 +327,6 @@ pub struct VcpuShared {
     pub events: Sender<VcpuEvent>,
     /// Written after each report, to wake the VMM's event loop.
     pub events_evt: Arc<EventFd>,
-    /// KVM's coalesced I/O ring, drained before every exit is handled (`None`: not used).
-    pub coalesced: Option<Arc<CoalescedRing>>,
-}
-
-impl VcpuShared {
-    /// Applies the writes KVM queued without an exit, so that the exit about to be handled (or
-    /// the pause about to begin) sees them done.
-    fn drain_coalesced(&self) {
-        if let Some(ring) = &self.coalesced {
-            ring.drain(&self.pio, &self.mmio);
-        }
-    }
 }
 
 impl Vcpu {
@@ -407,11 +394,6 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// Maps the VM's coalesced I/O ring through this vCPU.
-    pub fn map_coalesced_ring(&self) -> io::Result<CoalescedRing> {
-        CoalescedRing::map(&self.fd)
-    }
-
     /// Starts the vCPU's thread.
     pub fn start(self, shared: VcpuShared) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
@@ -436,9 +418,7 @@ impl Vcpu {
             if !shared.control.obey(self.id, &self.fd) {
                 return VcpuExitReason::Stopped;
             }
-            let result = self.fd.run();
-            shared.drain_coalesced();
-            match result {
+            match self.fd.run() {
                 Ok(exit) => {
                     if let Some(reason) = handle_exit(exit, shared) {
                         return match reason {
