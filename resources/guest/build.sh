@@ -2,6 +2,9 @@
 # Builds the default test guest: a CirrOS-like Linux made of Debian's cloud kernel and a busybox
 # initramfs. Output (default build/guest/ under the repo root, override with GUEST_OUT or $1):
 #   vmlinuz              the kernel (bzImage)
+#   vmlinuz-generic      Debian's generic kernel (linux-image-amd64, GUEST_GENERIC_KPKG): a second,
+#                        much larger bzImage the fast-boot scenario boots with the same initramfs
+#                        (its modules are the cloud kernel's, so only built-in drivers load)
 #   initramfs.cpio.gz    busybox, virtio/ACPI modules, the real qemu-ga with its libraries, /init
 #   guest.env            facts about the guest for harnesses (UP_REGEX, KERNEL_VERSION, KIND)
 #   iobench              the static O_DIRECT disk benchmark (iobench.c), also in the initramfs as
@@ -28,6 +31,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 OUT=${1:-${GUEST_OUT:-$ROOT/build/guest}}
 DEB_CACHE=${DEB_CACHE:-$ROOT/build/debs}
 KPKG=${GUEST_KPKG:-linux-image-cloud-amd64}
+GENERIC_KPKG=${GUEST_GENERIC_KPKG:-linux-image-amd64}
 MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net virtio_console virtio_balloon button evdev"
 mkdir -p "$OUT"
 
@@ -38,7 +42,7 @@ if [ -n "${GUEST_KERNEL:-}" ] || [ -n "${GUEST_INITRD:-}" ]; then
   [ -z "${GUEST_DISK:-}" ] || [ -f "$GUEST_DISK" ] || { echo "error: no file GUEST_DISK=$GUEST_DISK" >&2; exit 1; }
   st=$(stamp_of custom "$GUEST_KERNEL" "${GUEST_INITRD:-}" "${GUEST_DISK:-}" "${GUEST_UP_REGEX:-}")
   if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ]; then echo "guest up to date in $OUT (custom)"; exit 0; fi
-  rm -f "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/disk.img" "$OUT/guest.env" "$OUT/iobench" "$OUT/.stamp"
+  rm -f "$OUT/vmlinuz" "$OUT/vmlinuz-generic" "$OUT/initramfs.cpio.gz" "$OUT/disk.img" "$OUT/guest.env" "$OUT/iobench" "$OUT/.stamp"
   cp "$GUEST_KERNEL" "$OUT/vmlinuz"
   [ -z "${GUEST_INITRD:-}" ] || cp "$GUEST_INITRD" "$OUT/initramfs.cpio.gz"
   [ -z "${GUEST_DISK:-}" ] || cp "$GUEST_DISK" "$OUT/disk.img"
@@ -55,10 +59,11 @@ fi
 # --- the default guest ----------------------------------------------------------------------------
 need busybox-static cpio xz-utils gcc libc6-dev
 kdeb=$(kernel_deb "$DEB_CACHE" "$KPKG")
+gdeb=$(kernel_deb "$DEB_CACHE" "$GENERIC_KPKG")
 qdeb=$(deb_fetch "$DEB_CACHE" qemu-guest-agent)
-st=$(stamp_of default "$0" "$ROOT/resources/lib/debian.sh" "$HERE/iobench.c" "$kdeb" "$qdeb" /bin/busybox "$MODULES")
+st=$(stamp_of default "$0" "$ROOT/resources/lib/debian.sh" "$HERE/iobench.c" "$kdeb" "$gdeb" "$qdeb" /bin/busybox "$MODULES")
 if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$st" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] \
-   && [ -f "$OUT/iobench" ]; then
+   && [ -f "$OUT/iobench" ] && [ -f "$OUT/vmlinuz-generic" ]; then
   echo "guest up to date in $OUT"; exit 0
 fi
 echo "building guest in $OUT (kernel $(basename "$kdeb"))" >&2
@@ -69,6 +74,9 @@ need $(deb_depends "$qdeb")
 T=$(mktemp -d "${TMPDIR:-/tmp}/guest-build.XXXXXX"); trap 'rm -rf "$T"' EXIT
 dpkg-deb -x "$kdeb" "$T/k"; dpkg-deb -x "$qdeb" "$T/qga"
 kver=$(ls "$T/k/lib/modules")
+# the generic kernel: only its bzImage is used (its 400 MB of modules are not unpacked)
+mkdir -p "$T/g"; dpkg-deb --fsys-tarfile "$gdeb" | tar -x -C "$T/g" --wildcards './boot/vmlinuz-*'
+gver=$(basename "$(ls "$T"/g/boot/vmlinuz-*)"); gver=${gver#vmlinuz-}
 R=$T/root
 mkdir -p "$R"/{proc,sys,dev,tmp,run,var/run,var/log,etc/init.d,etc/acpi/PWRF,mnt,root}
 busybox_root "$R"
@@ -130,6 +138,7 @@ echo 'root:x:0:' > "$R/etc/group"
 chmod +x "$R/init" "$R/etc/init.d/rcS" "$R/etc/acpi/PWRF/00000080"
 
 cp "$T"/k/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"; mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
+cp "$T"/g/boot/vmlinuz-* "$OUT/vmlinuz-generic.tmp.$$"; mv "$OUT/vmlinuz-generic.tmp.$$" "$OUT/vmlinuz-generic"
 make_cpio "$R" "$OUT/initramfs.cpio.gz"
 cp "$T/iobench" "$OUT/iobench.tmp.$$"; mv "$OUT/iobench.tmp.$$" "$OUT/iobench"
 rm -f "$OUT/disk.img"
@@ -137,6 +146,7 @@ rm -f "$OUT/disk.img"
   echo "KIND=default"
   echo "UP_REGEX='GUEST-USERSPACE-UP'"
   echo "KERNEL_VERSION=$kver"
+  echo "GENERIC_KERNEL_VERSION=$gver"
 } > "$OUT/guest.env"
 echo "$st" > "$OUT/.stamp"
 echo "guest built in $OUT: vmlinuz ($kver), initramfs.cpio.gz ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1))"

@@ -40,7 +40,9 @@ deb_fetch() {
 kernel_deb() {
   local dir=$1 meta=$2 flavour real f
   flavour=${meta#linux-image-}                       # cloud-amd64
-  f=$(find "$dir" -maxdepth 1 -name "linux-image-[0-9]*-${flavour}_*.deb" 2>/dev/null | sort -V | tail -1)
+  # ABI-FLAVOUR exactly (6.1.0-57-amd64 is not 6.1.0-57-cloud-amd64)
+  f=$(find "$dir" -maxdepth 1 -name "linux-image-[0-9]*-${flavour}_*.deb" 2>/dev/null \
+      | grep -E "/linux-image-[0-9.]+-[0-9]+-${flavour}_[^/]*\.deb\$" | sort -V | tail -1 || true)
   if [ -z "$f" ]; then
     real=$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image/{print $2; exit}')
     if [ -z "$real" ]; then

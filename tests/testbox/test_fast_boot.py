@@ -1,7 +1,8 @@
 """The fast boot path (issue 18): a bzImage is booted through its vmlinux, extracted on the host and
 kept in the kernel cache ($XDG_CACHE_HOME/vmm/kernels). Every other scenario boots this way; these
 check the cache itself with the real guest kernel: a cached kernel that was modified is thrown away
-and extracted afresh (the right kernel boots), and `--no-decompress` boots the bzImage as it is.
+and extracted afresh (the right kernel boots), and `--no-decompress` boots the bzImage as it is;
+and Debian's generic kernel boots the fast way as well as the cloud kernel.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ CACHE = "/tmp/kcache-test"
 
 
 def start(vms, name: str, flags: list[str] | None = None) -> tb.L2:
-    argv = ["env", f"XDG_CACHE_HOME={CACHE}"] + vms.box.vmm_argv(tb.default_config(vcpus=1), flags,
-                                                                   name=name)
+    return start_with(vms, name, tb.default_config(vcpus=1), flags)
+
+
+def start_with(vms, name: str, config: dict, flags: list[str] | None = None) -> tb.L2:
+    argv = ["env", f"XDG_CACHE_HOME={CACHE}"] + vms.box.vmm_argv(config, flags, name=name)
     return vms.start(argv=argv)
 
 
@@ -77,3 +81,22 @@ def test_kernel_cache_fills_survives_tampering_and_can_be_bypassed(box, vms, up_
     assert "discarding" not in stderr(box, vm)
     vm.send("poweroff")
     assert vm.wait_exit(60) == 0
+
+
+@tb.retry_on_flake
+def test_generic_debian_kernel_boots_extracted(box, vms, up_regex):
+    """Debian's generic kernel (linux-image-amd64, a different build and compression setup from the
+    cloud kernel every other scenario boots) goes the fast way too: extracted, cached, booted."""
+    version = tb.guest_env().get("GENERIC_KERNEL_VERSION")
+    if not version:
+        pytest.skip("the guest has no generic kernel (a custom guest)")
+    box.check(f"rm -rf {CACHE}")
+    config = tb.default_config(vcpus=1)
+    config["boot"]["kernel"] = f"{tb.L1_GUEST}/vmlinuz-generic"
+    vm = start_with(vms, "fast-generic", config)
+    boot_to_shell(vm, up_regex)
+    assert guest_release(vm) == version
+    vm.send("poweroff")
+    assert vm.wait_exit(60) == 0
+    assert "booting the bzImage as it is" not in stderr(box, vm)
+    assert [n for n in entries(box) if n.endswith(".vmlinux")], "the generic kernel was not cached"
