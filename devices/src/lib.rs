@@ -1,7 +1,8 @@
 //! Everything in the VMM that is not virtio: the port-I/O and MMIO [`bus`], the legacy PC
 //! platform devices ([`serial`], [`i8042`], [`cmos`]), the ACPI power-management blocks
 //! ([`acpi_pm`], [`ged`]), the [`interrupt`] line abstraction they signal through, the
-//! host-side character backends ([`chardev`]) behind the consoles, and the state contract
+//! host-side character backends ([`chardev`]) behind the consoles, the tap behind virtio-net
+//! ([`net`]), and the state contract
 //! ([`persist`]) every device implements for snapshots.
 //!
 //! This is a leaf crate: it knows nothing of KVM. Devices raise interrupts through
@@ -16,6 +17,7 @@ pub mod cmos;
 pub mod ged;
 pub mod i8042;
 pub mod interrupt;
+pub mod net;
 pub mod pci;
 pub mod persist;
 pub mod serial;

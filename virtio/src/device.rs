@@ -119,6 +119,8 @@ pub enum ActivateError {
 pub enum VirtioDeviceState {
     /// virtio-blk.
     Block(crate::block::BlockState),
+    /// virtio-net.
+    Net(crate::net::NetState),
 }
 
 impl VirtioDeviceState {
@@ -126,6 +128,7 @@ impl VirtioDeviceState {
     pub fn kind(&self) -> &'static str {
         match self {
             VirtioDeviceState::Block(_) => "block",
+            VirtioDeviceState::Net(_) => "net",
         }
     }
 }
@@ -154,6 +157,12 @@ pub trait VirtioDevice: Send {
     /// Host fds to watch while the device is active (e.g. a tap); none by default.
     fn backend_fds(&self) -> Vec<RawFd> {
         Vec::new()
+    }
+    /// The readiness to watch [`VirtioDevice::backend_fds`] for: level-triggered input by
+    /// default. A device that stops reading a backend while the guest has no room (a tap) asks
+    /// for edge-triggered events and reads until `WouldBlock` otherwise.
+    fn backend_events(&self) -> EventSet {
+        EventSet::IN
     }
     /// One of [`VirtioDevice::backend_fds`] (by position) is ready.
     fn process_backend(&mut self, _index: usize, _events: EventSet) {}

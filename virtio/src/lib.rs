@@ -8,12 +8,14 @@
 //!   queue notifications and backend fds to it. Its [`VirtioPciState`] is a device's whole
 //!   snapshot: what every virtio device shares plus the device's own [`VirtioDeviceState`].
 //! - [`block`]: virtio-blk over a `devices::block::DiskImage`.
+//! - [`net`]: virtio-net over a `devices::net::Tap`.
 //!
 //! Queue logic (e.g. [`block::BlockQueueHandler`]) is kept apart from the event glue so it can be
 //! driven without KVM through `virtio_queue::mock::MockSplitQueue`.
 
 pub mod block;
 pub mod device;
+pub mod net;
 pub mod transport;
 
 pub use device::{

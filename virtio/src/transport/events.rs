@@ -19,7 +19,7 @@ const BACKEND_TOKEN_BASE: u32 = 0x8000_0000;
 
 impl VirtioPciDevice {
     /// The (fd, token) pairs that should be watched now.
-    fn wanted_events(&self) -> Vec<(i32, u32)> {
+    fn wanted_events(&self) -> Vec<(i32, u32, EventSet)> {
         use std::os::fd::AsRawFd;
         if !self.device.is_active() {
             return Vec::new();
@@ -28,13 +28,14 @@ impl VirtioPciDevice {
             .queue_evts
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.as_raw_fd(), i as u32));
+            .map(|(i, e)| (e.as_raw_fd(), i as u32, EventSet::IN));
+        let set = self.device.backend_events();
         let backends = self
             .device
             .backend_fds()
             .into_iter()
             .enumerate()
-            .map(|(i, fd)| (fd, BACKEND_TOKEN_BASE + i as u32));
+            .map(move |(i, fd)| (fd, BACKEND_TOKEN_BASE + i as u32, set));
         queues.chain(backends).collect()
     }
 
@@ -43,17 +44,17 @@ impl VirtioPciDevice {
         let was_idle = self.registered.is_empty();
         let mut kept = Vec::new();
         for (fd, token) in std::mem::take(&mut self.registered) {
-            if wanted.contains(&(fd, token)) {
+            if wanted.iter().any(|w| (w.0, w.1) == (fd, token)) {
                 kept.push((fd, token));
             } else if let Err(e) = ops.remove(Events::with_data_raw(fd, token, EventSet::IN)) {
                 log::warn!("virtio-pci: unwatching fd {fd} failed: {e}");
             }
         }
-        for &(fd, token) in &wanted {
+        for &(fd, token, set) in &wanted {
             if kept.contains(&(fd, token)) {
                 continue;
             }
-            match ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+            match ops.add(Events::with_data_raw(fd, token, set)) {
                 Ok(()) => kept.push((fd, token)),
                 Err(e) => log::error!("virtio-pci: watching fd {fd} failed: {e}"),
             }

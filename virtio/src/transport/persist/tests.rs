@@ -417,8 +417,9 @@ fn hostile_states_are_refused_and_change_nothing() {
         s.pci.bars[0].mapped = MOVED_BAR + 0x1000
     });
     add("other disk", &|s| {
-        let VirtioDeviceState::Block(b) = &mut s.device;
-        b.capacity_sectors += 1;
+        if let VirtioDeviceState::Block(b) = &mut s.device {
+            b.capacity_sectors += 1;
+        }
     });
     for (what, bad) in &cases {
         let err = dst.restore(bad).expect_err(what);

@@ -1,0 +1,701 @@
+//! virtio-net over a tap: one device per NIC, one receive/transmit queue pair per tap queue,
+//! and a control queue.
+//!
+//! Offered features: CSUM, GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO, HOST_TSO4/6,
+//! HOST_ECN, HOST_UFO, MRG_RXBUF, STATUS, MAC, MTU (when configured), CTRL_VQ,
+//! CTRL_GUEST_OFFLOADS, GUEST_ANNOUNCE, MQ (with more than one pair), EVENT_IDX and
+//! INDIRECT_DESC. Frames keep their 12-byte virtio-net header on the tap, so offloads pass
+//! through untouched; the tap's receive offloads (`TUNSETOFFLOAD`) follow what the driver acked,
+//! and later what it sets through the control queue.
+//!
+//! Queue layout: receive *n* at `2n`, transmit *n* at `2n + 1`, the control queue after the
+//! last pair (at 2 when the driver did not negotiate MQ). Pairs beyond the number the driver
+//! asked for are detached from the multiqueue tap, so the kernel steers nothing to them.
+//!
+//! [`queue`] moves frames, [`ctrl`] runs the control queue, [`persist`] holds the device's
+//! own snapshot state. [`NetShared`] is what the rest of the VMM holds on to while the device
+//! is inside the transport: the link state (QMP `set_link`), and the counters.
+
+pub mod ctrl;
+pub mod persist;
+pub mod queue;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use devices::net::tap::offload;
+use devices::net::Tap;
+use devices::persist::RestoreError;
+use event_manager::EventSet;
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueState, QueueT};
+
+pub use ctrl::CtrlCommand;
+pub use persist::NetState;
+pub use queue::{FrameBackend, PairContext, QueueError, QueuePair, TapQueue, MAX_FRAME};
+
+use crate::device::{
+    feature, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// virtio device type of network cards.
+pub const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Length of the virtio-net header (`virtio_net_hdr_v1`) on every frame.
+pub const VNET_HDR_LEN: usize = devices::net::VNET_HDR_LEN;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Size of the control queue.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+/// Most queue pairs a NIC may have.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Size of `struct virtio_net_config` through `mtu`.
+const CONFIG_LEN: usize = 12;
+
+/// The GUEST_* feature bits that map to tap receive offloads.
+const GUEST_OFFLOAD_FEATURES: [u32; 5] = [
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_UFO,
+];
+
+/// The tap offload flags for a set of GUEST_* feature bits (TSO and UFO need checksums).
+pub fn tap_offload_flags(guest_features: u64) -> u32 {
+    let has = |bit: u32| guest_features & feature(bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut f = offload::CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        f |= offload::TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        f |= offload::TSO6;
+    }
+    if has(VIRTIO_NET_F_GUEST_ECN) {
+        f |= offload::TSO_ECN;
+    }
+    if has(VIRTIO_NET_F_GUEST_UFO) {
+        f |= offload::UFO;
+    }
+    f
+}
+
+fn guest_offload_mask() -> u64 {
+    GUEST_OFFLOAD_FEATURES.iter().map(|&b| feature(b)).sum()
+}
+
+/// Per-NIC counters, updated by the data path and read by metrics and the API.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Bytes delivered to the guest (frames, without the virtio-net header).
+    pub rx_bytes: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    /// Frames from the tap that were dropped (link down, malformed receive chains).
+    pub rx_dropped: AtomicU64,
+    /// Failed reads from the tap.
+    pub rx_errors: AtomicU64,
+    /// Bytes the guest sent (without the virtio-net header).
+    pub tx_bytes: AtomicU64,
+    /// Frames the guest sent.
+    pub tx_packets: AtomicU64,
+    /// Guest frames dropped (link down, tap down, malformed chains).
+    pub tx_dropped: AtomicU64,
+    /// Frames the tap refused.
+    pub tx_errors: AtomicU64,
+}
+
+impl NetCounters {
+    /// Adds `n` to one counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> NetStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            rx_bytes: g(&self.rx_bytes),
+            rx_packets: g(&self.rx_packets),
+            rx_dropped: g(&self.rx_dropped),
+            rx_errors: g(&self.rx_errors),
+            tx_bytes: g(&self.tx_bytes),
+            tx_packets: g(&self.tx_packets),
+            tx_dropped: g(&self.tx_dropped),
+            tx_errors: g(&self.tx_errors),
+        }
+    }
+}
+
+/// A copy of a NIC's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Frames for the guest that were dropped.
+    pub rx_dropped: u64,
+    /// Failed reads from the tap.
+    pub rx_errors: u64,
+    /// Bytes the guest sent.
+    pub tx_bytes: u64,
+    /// Frames the guest sent.
+    pub tx_packets: u64,
+    /// Guest frames dropped.
+    pub tx_dropped: u64,
+    /// Guest frames the tap refused.
+    pub tx_errors: u64,
+}
+
+/// What the VMM holds on to while the device lives inside its transport.
+pub struct NetShared {
+    link_up: AtomicBool,
+    announce: AtomicBool,
+    acked: AtomicU64,
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    /// The counters.
+    pub counters: NetCounters,
+}
+
+impl NetShared {
+    fn new() -> Self {
+        NetShared {
+            link_up: AtomicBool::new(true),
+            announce: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            interrupt: Mutex::new(None),
+            counters: NetCounters::default(),
+        }
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::SeqCst)
+    }
+
+    /// Sets the link state (QMP `set_link`); a running driver that negotiated STATUS gets a
+    /// configuration interrupt and sees carrier change. Returns whether the state changed.
+    pub fn set_link(&self, up: bool) -> bool {
+        let changed = self.link_up.swap(up, Ordering::SeqCst) != up;
+        if changed {
+            self.config_changed();
+        }
+        changed
+    }
+
+    /// Asks the guest to announce itself (gratuitous ARP, after a restore or migration) if
+    /// its driver negotiated GUEST_ANNOUNCE.
+    fn request_announce(&self) {
+        let acked = self.acked.load(Ordering::SeqCst);
+        if acked & feature(VIRTIO_NET_F_GUEST_ANNOUNCE) != 0 {
+            self.announce.store(true, Ordering::SeqCst);
+            self.config_changed();
+        }
+    }
+
+    fn config_changed(&self) {
+        if self.acked.load(Ordering::SeqCst) & feature(VIRTIO_NET_F_STATUS) == 0 {
+            return;
+        }
+        let int = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(i) = int {
+            if let Err(e) = i.trigger(VirtioInterruptType::Config) {
+                log::warn!("virtio-net: configuration interrupt failed: {e}");
+            }
+        }
+    }
+
+    fn status(&self) -> u16 {
+        let mut s = 0;
+        if self.link_up() {
+            s |= VIRTIO_NET_S_LINK_UP as u16;
+        }
+        if self.announce.load(Ordering::SeqCst) {
+            s |= VIRTIO_NET_S_ANNOUNCE as u16;
+        }
+        s
+    }
+}
+
+/// How a NIC looks to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetOptions {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// The MTU the guest is told (VIRTIO_NET_F_MTU), if any.
+    pub mtu: Option<u16>,
+}
+
+/// Errors creating a network device.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetError {
+    /// No tap queue, or more than [`MAX_QUEUE_PAIRS`].
+    #[error("a NIC has 1 to {MAX_QUEUE_PAIRS} queue pairs, not {0}")]
+    QueuePairs(usize),
+    /// The MTU is outside what Ethernet over virtio can carry.
+    #[error("MTU {0} is outside 68..=65535")]
+    Mtu(u16),
+}
+
+/// The runtime control settings the driver chose (and a snapshot keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CtrlSettings {
+    active_pairs: u16,
+    guest_offloads: u64,
+}
+
+struct Active<T> {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    acked: u64,
+    /// Pair *i* (`None` when the driver did not enable its queues).
+    pairs: Vec<Option<QueuePair<T>>>,
+    ctrl: Option<(u16, Queue)>,
+    settings: CtrlSettings,
+}
+
+/// A virtio-net device over the queues of a tap (`T` is a test double in unit tests).
+pub struct Net<T = Tap> {
+    options: NetOptions,
+    /// The tap queues while inactive (one per pair); taken by the active pairs.
+    taps: Vec<Option<T>>,
+    active: Option<Active<T>>,
+    queue_sizes: Vec<u16>,
+    avail_features: u64,
+    shared: Arc<NetShared>,
+    /// Control settings from a restored snapshot, applied by the next activation.
+    restored: Option<CtrlSettings>,
+}
+
+impl<T> std::fmt::Debug for Net<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("mac", &format_mac(&self.options.mac))
+            .field("pairs", &self.taps.len())
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl<T: TapQueue> Net<T> {
+    /// A NIC over `taps` (one queue of the tap per queue pair).
+    pub fn new(taps: Vec<T>, options: NetOptions) -> Result<Self, NetError> {
+        let pairs = taps.len();
+        if pairs == 0 || pairs > usize::from(MAX_QUEUE_PAIRS) {
+            return Err(NetError::QueuePairs(pairs));
+        }
+        if let Some(m) = options.mtu {
+            if m < 68 {
+                return Err(NetError::Mtu(m));
+            }
+        }
+        let mut features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_NET_F_CSUM)
+            | feature(VIRTIO_NET_F_HOST_TSO4)
+            | feature(VIRTIO_NET_F_HOST_TSO6)
+            | feature(VIRTIO_NET_F_HOST_ECN)
+            | feature(VIRTIO_NET_F_HOST_UFO)
+            | feature(VIRTIO_NET_F_MRG_RXBUF)
+            | feature(VIRTIO_NET_F_STATUS)
+            | feature(VIRTIO_NET_F_MAC)
+            | feature(VIRTIO_NET_F_CTRL_VQ)
+            | feature(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+            | feature(VIRTIO_NET_F_GUEST_ANNOUNCE)
+            | guest_offload_mask();
+        if options.mtu.is_some() {
+            features |= feature(VIRTIO_NET_F_MTU);
+        }
+        if pairs > 1 {
+            features |= feature(VIRTIO_NET_F_MQ);
+        }
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * pairs];
+        queue_sizes.push(CTRL_QUEUE_SIZE);
+        Ok(Net {
+            options,
+            taps: taps.into_iter().map(Some).collect(),
+            active: None,
+            queue_sizes,
+            avail_features: features,
+            shared: Arc::new(NetShared::new()),
+            restored: None,
+        })
+    }
+
+    /// The handle the VMM keeps: link state and counters.
+    pub fn shared(&self) -> Arc<NetShared> {
+        self.shared.clone()
+    }
+
+    /// Number of queue pairs.
+    pub fn max_pairs(&self) -> u16 {
+        self.taps.len() as u16
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..6].copy_from_slice(&self.options.mac);
+        c[6..8].copy_from_slice(&self.shared.status().to_le_bytes());
+        c[8..10].copy_from_slice(&self.max_pairs().to_le_bytes());
+        c[10..12].copy_from_slice(&self.options.mtu.unwrap_or(0).to_le_bytes());
+        c
+    }
+
+    fn settings(&self) -> CtrlSettings {
+        match (&self.active, &self.restored) {
+            (Some(a), _) => a.settings,
+            (None, Some(r)) => *r,
+            (None, None) => CtrlSettings {
+                active_pairs: 1,
+                guest_offloads: 0,
+            },
+        }
+    }
+
+    /// Applies the number of active pairs and the receive offloads to the tap queues.
+    fn apply_settings(a: &Active<T>) {
+        let flags = tap_offload_flags(a.settings.guest_offloads);
+        let multi = a.pairs.len() > 1;
+        for (i, p) in a.pairs.iter().enumerate() {
+            let Some(p) = p else { continue };
+            if let Err(e) = p.backend().set_offload(flags) {
+                log::warn!("virtio-net: {e}");
+            }
+            if multi {
+                let on = i < usize::from(a.settings.active_pairs);
+                if let Err(e) = p.backend().set_queue_enabled(on) {
+                    log::warn!("virtio-net: {e}");
+                }
+            }
+        }
+    }
+
+    fn run_pair(&mut self, pair: usize, rx: bool, tx: bool) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let ctx = Self::pair_context_parts(&a.mem, &a.interrupt, a.acked, &self.shared);
+        let Some(Some(p)) = a.pairs.get_mut(pair) else {
+            return;
+        };
+        if tx {
+            if let Err(e) = p.process_tx(&ctx) {
+                log::error!("virtio-net: transmit queue {}: {e}", p.rx_index + 1);
+            }
+        }
+        if rx {
+            if let Err(e) = p.process_rx(&ctx) {
+                log::error!("virtio-net: receive queue {}: {e}", p.rx_index);
+            }
+        }
+    }
+
+    fn pair_context_parts<'a>(
+        mem: &'a GuestMemoryMmap,
+        interrupt: &'a Arc<dyn VirtioInterrupt>,
+        acked: u64,
+        shared: &'a NetShared,
+    ) -> PairContext<'a> {
+        PairContext {
+            mem,
+            interrupt,
+            counters: &shared.counters,
+            mergeable: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            link_up: shared.link_up(),
+        }
+    }
+
+    fn run_ctrl(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some((index, queue)) = a.ctrl.as_mut() else {
+            return;
+        };
+        let index = *index;
+        let acked = a.acked;
+        let max_pairs = a.pairs.len() as u16;
+        let mut settings = a.settings;
+        let shared = &self.shared;
+        let mem = &a.mem;
+        let r = ctrl::process(queue, mem, |cmd| match cmd {
+            CtrlCommand::SetQueuePairs(n) => {
+                let ok = acked & feature(VIRTIO_NET_F_MQ) != 0 && (1..=max_pairs).contains(&n);
+                if ok {
+                    settings.active_pairs = n;
+                }
+                ok
+            }
+            CtrlCommand::SetGuestOffloads(f) => {
+                // Only GUEST_* offloads the driver negotiated may be switched on.
+                let ok = acked & feature(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) != 0
+                    && f & !(acked & guest_offload_mask()) == 0;
+                if ok {
+                    settings.guest_offloads = f;
+                }
+                ok
+            }
+            CtrlCommand::AnnounceAck => {
+                let ok = acked & feature(VIRTIO_NET_F_GUEST_ANNOUNCE) != 0;
+                if ok {
+                    shared.announce.store(false, Ordering::SeqCst);
+                }
+                ok
+            }
+            CtrlCommand::Unsupported(..) | CtrlCommand::Malformed(..) => false,
+        });
+        let notify = match r {
+            Ok(true) => matches!(queue.needs_notification(mem), Ok(true)),
+            Ok(false) => false,
+            Err(e) => {
+                log::error!("virtio-net: control queue: {e}");
+                false
+            }
+        };
+        let changed = settings != a.settings;
+        a.settings = settings;
+        if changed {
+            Self::apply_settings(a);
+        }
+        if notify {
+            if let Err(e) = a.interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                log::warn!("virtio-net: control queue interrupt failed: {e}");
+            }
+        }
+    }
+}
+
+impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_bytes();
+        data.fill(0);
+        for (i, b) in data.iter_mut().enumerate() {
+            let idx = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            if let Some(v) = idx.and_then(|i| cfg.get(i)) {
+                *b = *v;
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The MAC is writable only in legacy devices; every field is read-only here.
+        log::debug!("virtio-net: ignoring config write at {offset:#x}");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let acked = ctx.acked_features;
+        let mq = acked & feature(VIRTIO_NET_F_MQ) != 0;
+        let pairs = if mq { self.taps.len() } else { 1 };
+        let ctrl_index = (2 * pairs) as u16;
+        let mut queues: Vec<Option<Queue>> = (0..self.queue_sizes.len()).map(|_| None).collect();
+        for q in ctx.queues {
+            if let Some(slot) = queues.get_mut(usize::from(q.index)) {
+                *slot = Some(q.queue);
+            }
+        }
+        if self.taps.iter().any(Option::is_none) {
+            return Err(ActivateError::NoBackend);
+        }
+        if queues[0].is_none() || queues[1].is_none() {
+            return Err(ActivateError::MissingQueue(if queues[0].is_none() {
+                0
+            } else {
+                1
+            }));
+        }
+        let mut built = Vec::with_capacity(self.taps.len());
+        for i in 0..self.taps.len() {
+            let (rx, tx) = if i < pairs {
+                (queues[2 * i].take(), queues[2 * i + 1].take())
+            } else {
+                (None, None)
+            };
+            built.push(match (rx, tx) {
+                (Some(rx), Some(tx)) => {
+                    let tap = self.taps[i].take().ok_or(ActivateError::NoBackend)?;
+                    Some(QueuePair::new((2 * i) as u16, rx, tx, tap))
+                }
+                _ => None,
+            });
+        }
+        let ctrl = if acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0 {
+            queues
+                .get_mut(usize::from(ctrl_index))
+                .and_then(Option::take)
+                .map(|q| (ctrl_index, q))
+        } else {
+            None
+        };
+        // A restored device goes on with what its driver had chosen; a fresh driver starts
+        // with one pair and every receive offload it negotiated.
+        let restored = self.restored.take();
+        let settings = restored.unwrap_or(CtrlSettings {
+            active_pairs: 1,
+            guest_offloads: acked & guest_offload_mask(),
+        });
+        let active = Active {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt.clone(),
+            acked,
+            pairs: built,
+            ctrl,
+            settings,
+        };
+        Self::apply_settings(&active);
+        self.active = Some(active);
+        self.shared.acked.store(acked, Ordering::SeqCst);
+        *self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ctx.interrupt);
+        if restored.is_some() {
+            // The VM may be somewhere else on the network now: the guest tells the switches.
+            self.shared.request_announce();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.restored = None;
+        *self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.shared.acked.store(0, Ordering::SeqCst);
+        self.shared.announce.store(false, Ordering::SeqCst);
+        if let Some(a) = self.active.take() {
+            for (i, p) in a.pairs.into_iter().enumerate() {
+                if let Some(p) = p {
+                    let tap = p.into_backend();
+                    // A fresh driver starts with every queue of the tap attached.
+                    let _ = tap.set_queue_enabled(true);
+                    self.taps[i] = Some(tap);
+                }
+            }
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn process_queue(&mut self, index: u16) {
+        let ctrl = self
+            .active
+            .as_ref()
+            .and_then(|a| a.ctrl.as_ref().map(|c| c.0));
+        if Some(index) == ctrl {
+            self.run_ctrl();
+            return;
+        }
+        let pair = usize::from(index / 2);
+        if index.is_multiple_of(2) {
+            // The guest posted receive buffers.
+            self.run_pair(pair, true, false);
+        } else {
+            self.run_pair(pair, false, true);
+        }
+    }
+
+    fn backend_fds(&self) -> Vec<RawFd> {
+        match &self.active {
+            Some(a) => a
+                .pairs
+                .iter()
+                .flatten()
+                .map(|p| p.backend().as_raw_fd())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn backend_events(&self) -> EventSet {
+        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED
+    }
+
+    fn process_backend(&mut self, index: usize, events: EventSet) {
+        // `index` counts the pairs that are running, in order.
+        let pair = match &self.active {
+            Some(a) => a
+                .pairs
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.is_some())
+                .nth(index)
+                .map(|(i, _)| i),
+            None => None,
+        };
+        let Some(pair) = pair else { return };
+        let rx = events.contains(EventSet::IN);
+        let tx = events.contains(EventSet::OUT)
+            && self
+                .active
+                .as_ref()
+                .and_then(|a| a.pairs[pair].as_ref())
+                .is_some_and(|p| p.tx_blocked());
+        self.run_pair(pair, rx, tx);
+    }
+
+    fn active_queue_states(&self) -> Vec<(u16, QueueState)> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in a.pairs.iter().flatten() {
+            out.push((p.rx_index, p.rx_queue().state()));
+            out.push((p.rx_index + 1, p.tx_queue().state()));
+        }
+        if let Some((i, q)) = &a.ctrl {
+            out.push((*i, q.state()));
+        }
+        out
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.net_state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        self.apply_net_state(state)
+    }
+}
+
+#[cfg(test)]
+mod tests;
