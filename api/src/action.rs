@@ -90,6 +90,15 @@ pub enum VmmAction {
     /// The migration capabilities and their states (QMP `query-migrate-capabilities`);
     /// answered with [`VmmResponse::MigrationCapabilities`].
     GetMigrationCapabilities,
+    /// Set a NIC's link up or down (QMP `set_link`, HMP `set_link`, REST
+    /// `PUT /vm/nics/{id}/link`): the guest sees carrier come and go; frames are dropped both
+    /// ways while it is down.
+    SetLink {
+        /// The NIC's id.
+        id: String,
+        /// Up (true) or down.
+        up: bool,
+    },
 }
 
 impl VmmAction {
@@ -108,6 +117,7 @@ impl VmmAction {
             VmmAction::QueryMigrate => "query-migrate",
             VmmAction::SetMigrationCapabilities(_) => "set-migration-capabilities",
             VmmAction::GetMigrationCapabilities => "get-migration-capabilities",
+            VmmAction::SetLink { .. } => "set-link",
         }
     }
 }
@@ -130,6 +140,50 @@ pub struct VmInfo {
     pub config: VmConfig,
     /// The vCPUs.
     pub vcpus: Vec<VcpuInfo>,
+    /// The network cards (like `virsh domiflist`, with link state and counters).
+    pub nics: Vec<NicInfo>,
+}
+
+/// A network card as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NicInfo {
+    /// Its id.
+    pub id: String,
+    /// The host tap.
+    pub tap: String,
+    /// MAC address.
+    pub mac: String,
+    /// Device model, as QEMU names it.
+    pub model: String,
+    /// Whether vhost-net carries its data.
+    pub vhost: bool,
+    /// Queue pairs.
+    pub queues: u16,
+    /// Whether the link is up.
+    pub link_up: bool,
+    /// Counters since the VMM started.
+    pub counters: NicCounters,
+}
+
+/// A NIC's counters: frames and bytes each way, drops and errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NicCounters {
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Frames for the guest that were dropped.
+    pub rx_dropped: u64,
+    /// Failed reads from the tap.
+    pub rx_errors: u64,
+    /// Bytes the guest sent.
+    pub tx_bytes: u64,
+    /// Frames the guest sent.
+    pub tx_packets: u64,
+    /// Guest frames dropped.
+    pub tx_dropped: u64,
+    /// Guest frames the tap refused.
+    pub tx_errors: u64,
 }
 
 /// The VMM's version.
@@ -297,6 +351,9 @@ pub enum ActionError {
     /// The VMM thread is gone (the VM is shutting down).
     #[error("the VMM is shutting down")]
     Unavailable,
+    /// No device has this id (QEMU's `DeviceNotFound`).
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
 }
 
 impl VmState {
@@ -311,6 +368,8 @@ impl VmState {
         };
         match (self, action) {
             (_, GetVmInfo | GetVersion | QueryMigrate | GetMigrationCapabilities) => Ok(self),
+            // A link can be set whenever the VM exists, stopped or not (QEMU too).
+            (Created | Running | Paused | PostMigrate, SetLink { .. }) => Ok(self),
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).

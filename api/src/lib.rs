@@ -18,6 +18,6 @@ pub use action::{
     VmmResponse,
 };
 pub use config::{
-    BootConfig, CacheMode, ConfigError, DiskConfig, DiskFormat, MachineConfig, OnReboot,
+    BootConfig, CacheMode, ConfigError, DiskConfig, DiskFormat, MachineConfig, NetConfig, OnReboot,
     QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB,
 };

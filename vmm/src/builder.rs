@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::SerialBackend;
 use crate::device_manager::{create_platform_devices, DeviceError, PlatformDevices, PowerEvents};
 use crate::kvm::Hypervisor;
+use crate::net::{IdentifiedDevice, NetBackends, NetSetupError, NicHandle};
 use crate::pci::{create_pci, PciWiringError};
 use crate::registry::{DeviceRegistry, RegistryError};
 use crate::snapshot::cpu::{restore_vm, CpuStateError};
@@ -101,6 +102,9 @@ pub enum BuildError {
     /// The saved in-kernel VM state was refused.
     #[error("cannot restore the VM: {0}")]
     VmState(#[from] CpuStateError),
+    /// A NIC's device could not be made.
+    #[error(transparent)]
+    Net(#[from] NetSetupError),
 }
 
 impl BuildError {
@@ -114,12 +118,10 @@ impl BuildError {
                 | BuildError::Memory(_)
                 | BuildError::VmState(_)
                 | BuildError::Vcpu(VcpuError::Restore { .. })
+                | BuildError::Net(_)
         )
     }
 }
-
-/// A virtio device model with its stable id.
-type IdentifiedDevice = (String, Box<dyn virtio::VirtioDevice>);
 
 /// Opens every configured disk and wraps it in a virtio-blk device model, with its id.
 fn open_disks(cfg: &VmConfig) -> Result<Vec<IdentifiedDevice>, BuildError> {
@@ -177,6 +179,8 @@ pub struct RunningVm {
     pub vcpu_events: Receiver<VcpuEvent>,
     /// Written with each vCPU exit report.
     pub vcpu_evt: Arc<EventFd>,
+    /// The NICs, for the control plane.
+    pub nics: Vec<NicHandle>,
 }
 
 fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
@@ -195,6 +199,7 @@ pub fn build_vm(
     cpuid: &CpuId,
     cfg: &VmConfig,
     serial: &SerialBackend,
+    nets: &NetBackends,
     start_paused: bool,
     restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
@@ -212,9 +217,11 @@ pub fn build_vm(
     let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
     let mut registry = DeviceRegistry::new();
     devices.register(&mut registry)?;
-    let disks = open_disks(cfg)?;
+    // PCI slot order: the disks, then the NICs.
+    let mut virtio_devices = open_disks(cfg)?;
+    virtio_devices.extend(nets.devices()?);
     let saved = restore.map(|l| &l.state.devices);
-    let pci = match disks.is_empty() {
+    let pci = match virtio_devices.is_empty() {
         true => None,
         false => Some(create_pci(
             vm.fd(),
@@ -222,7 +229,7 @@ pub fn build_vm(
             memory_bytes,
             &devices.pio,
             &devices.mmio,
-            disks,
+            virtio_devices,
             saved,
         )?),
     };
@@ -298,6 +305,7 @@ pub fn build_vm(
         threads,
         vcpu_events,
         vcpu_evt,
+        nics: nets.handles(),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use api::{ConfigError, DiskConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
+use api::{ConfigError, DiskConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
 use clap::Parser;
 
 /// A KVM virtual machine monitor for small Linux VMs.
@@ -75,6 +75,11 @@ pub struct Cli {
     /// path=P[,format=raw|qcow2][,readonly=on][,cache=writeback|none|unsafe][,serial=S][,id=I]
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskConfig>,
+
+    /// Add a virtio-net card on a host tap (repeatable; adds to the file's):
+    /// [tap=NAME][,mac=MAC][,queues=N][,mtu=N][,script=PATH|no][,downscript=PATH|no][,id=I]
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<NetConfig>,
 
     /// Restore a saved VM instead of booting one: file:PATH (a state file written by QMP
     /// `migrate "file:PATH"` or `PUT /vm/snapshot`), or `defer` to wait for QMP
@@ -261,6 +266,8 @@ impl Cli {
         }
         cfg.qmp.extend(self.qmp);
         cfg.disks.extend(self.disk);
+        cfg.net.extend(self.net);
+        cfg.assign_macs();
         cfg.validate(host_memory_mib)?;
         Ok(cfg)
     }

@@ -1,7 +1,8 @@
 //! `vmm ctl`: a client for people, over the REST API socket of a running VMM.
 //!
-//! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration`
-//! and `vmm ctl --api-socket PATH snapshot|restore FILE` send one HTTP/1.1 request
+//! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
+//! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE` and `vmm ctl --api-socket PATH
+//! set-link ID on|off` send one HTTP/1.1 request
 //! (`Connection: close`), read the response with `httparse`, print the JSON of
 //! `info`/`version`/`migration` indented, and turn every failure into one clear line and a
 //! non-zero exit status. FILE is made absolute against the current directory first: the VMM's
@@ -62,6 +63,17 @@ pub enum CtlCommand {
     },
     /// Show the status and statistics of the last snapshot or restore.
     Migration,
+    /// List the network cards (like `virsh domiflist`), with link state and counters.
+    Nics,
+    /// Set a network card's link up or down (QMP `set_link`).
+    SetLink {
+        /// The NIC's id (see `nics`).
+        #[arg(value_name = "ID")]
+        id: String,
+        /// on or off.
+        #[arg(value_name = "on|off", value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 impl CtlCommand {
@@ -78,6 +90,8 @@ impl CtlCommand {
             CtlCommand::Snapshot { .. } => ("PUT", "/vm/snapshot"),
             CtlCommand::Restore { .. } => ("PUT", "/vm/restore"),
             CtlCommand::Migration => ("GET", "/vm/migration"),
+            CtlCommand::Nics => ("GET", "/vm"),
+            CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
         }
     }
 
@@ -95,6 +109,9 @@ impl CtlCommand {
                 };
                 Ok(Some(serde_json::json!({ "path": text }).to_string()))
             }
+            CtlCommand::SetLink { id, state } => Ok(Some(
+                serde_json::json!({ "id": id, "up": state == "on" }).to_string(),
+            )),
             _ => Ok(None),
         }
     }
@@ -280,9 +297,52 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
         });
     }
     Ok(match json {
+        Some(v) if *cmd == CtlCommand::Nics => nics_table(&v),
         Some(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
         None => String::new(),
     })
+}
+
+/// The `nics` of a `GET /vm` answer as a table, like `virsh domiflist` (with link state and
+/// frame counters).
+fn nics_table(vm: &serde_json::Value) -> String {
+    let nics = vm
+        .get("nics")
+        .and_then(|n| n.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut out = format!(
+        "{:<12} {:<6} {:<16} {:<15} {:<18} {:<5} {:>12} {:>12}\n",
+        "Interface", "Type", "Source", "Model", "MAC", "Link", "RX packets", "TX packets"
+    );
+    out.push_str(&"-".repeat(101));
+    for n in &nics {
+        let s = |k: &str| n.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+        let c = |k: &str| {
+            n.get("counters")
+                .and_then(|c| c.get(k))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        };
+        let vhost = n.get("vhost").and_then(|v| v.as_bool()).unwrap_or(false);
+        let link = match n.get("link_up").and_then(|v| v.as_bool()) {
+            Some(true) => "up",
+            Some(false) => "down",
+            None => "-",
+        };
+        out.push_str(&format!(
+            "\n{:<12} {:<6} {:<16} {:<15} {:<18} {:<5} {:>12} {:>12}",
+            s("id"),
+            if vhost { "vhost" } else { "tap" },
+            s("tap"),
+            s("model"),
+            s("mac"),
+            link,
+            c("rx_packets"),
+            c("tx_packets"),
+        ));
+    }
+    out
 }
 
 /// `vmm ctl`'s main: prints the result, or one error line, and gives the exit status.
@@ -346,6 +406,7 @@ mod tests {
                         state = next;
                         match req.action {
                             VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
+                                nics: Vec::new(),
                                 state,
                                 config: VmConfig::default(),
                                 vcpus: vec![],
@@ -475,7 +536,9 @@ mod tests {
                 "version",
                 "snapshot",
                 "restore",
-                "migration"
+                "migration",
+                "nics",
+                "set-link"
             ]
         );
         for c in ctl.get_subcommands() {

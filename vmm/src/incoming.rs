@@ -73,6 +73,7 @@ pub fn wait(
                     state,
                     config: (*shared.config).clone(),
                     vcpus: Vec::new(),
+                    nics: Vec::new(),
                 })))),
                 VmmAction::GetVersion => {
                     (req.reply)(Ok(VmmResponse::Version(VersionInfo::current())))

@@ -14,6 +14,7 @@ pub mod img;
 pub mod incoming;
 pub mod kernel_cache;
 pub mod kvm;
+pub mod net;
 pub mod pci;
 pub mod registry;
 pub mod runtime;
@@ -95,6 +96,9 @@ pub enum VmmError {
     /// A saved state could not be read.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// A NIC could not be set up.
+    #[error(transparent)]
+    Net(#[from] net::NetSetupError),
 }
 
 impl VmmError {
@@ -103,7 +107,7 @@ impl VmmError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             VmmError::Build(b) => b.is_bad_input(),
-            VmmError::Snapshot(_) => true,
+            VmmError::Snapshot(_) | VmmError::Net(_) => true,
             _ => false,
         }
     }
@@ -243,11 +247,13 @@ fn run_vm(
     mut restore: Option<Box<Loaded>>,
 ) -> Result<(), VmmError> {
     let cfg = shared.config.clone();
+    // The taps live as long as the VMM: every incarnation's NICs use them.
+    let nets = net::NetBackends::open(&cfg)?;
     loop {
         // A reset keeps a stopped VM stopped (paused, or paused after a snapshot), as QEMU does.
         let paused = matches!(shared.state.get(), VmState::Paused | VmState::PostMigrate);
         let loaded = restore.take();
-        let running = build_vm(hv, cpuid, &cfg, serial, paused, loaded.as_deref())?;
+        let running = build_vm(hv, cpuid, &cfg, serial, &nets, paused, loaded.as_deref())?;
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
         // own reference to the file).
         drop(loaded);

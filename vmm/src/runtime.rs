@@ -165,6 +165,30 @@ pub fn run_incarnation(
     outcome
 }
 
+/// A NIC as the control plane reports it.
+fn nic_info(n: &crate::net::NicHandle) -> api::action::NicInfo {
+    let c = n.shared.counters.snapshot();
+    api::action::NicInfo {
+        id: n.id.clone(),
+        tap: n.tap.clone(),
+        mac: virtio::net::format_mac(&n.mac),
+        model: "virtio-net-pci".into(),
+        vhost: n.vhost,
+        queues: n.queues,
+        link_up: n.shared.link_up(),
+        counters: api::action::NicCounters {
+            rx_bytes: c.rx_bytes,
+            rx_packets: c.rx_packets,
+            rx_dropped: c.rx_dropped,
+            rx_errors: c.rx_errors,
+            tx_bytes: c.tx_bytes,
+            tx_packets: c.tx_packets,
+            tx_dropped: c.tx_dropped,
+            tx_errors: c.tx_errors,
+        },
+    }
+}
+
 /// Subscriber for the VM's own events and the control plane. Dropping it stops the vCPUs.
 struct Control {
     vm: RunningVm,
@@ -239,6 +263,7 @@ impl Control {
                     state,
                     config: (*self.config).clone(),
                     vcpus,
+                    nics: self.vm.nics.iter().map(nic_info).collect(),
                 })));
             }
             VmmAction::GetVersion => return Ok(VmmResponse::Version(VersionInfo::current())),
@@ -279,6 +304,15 @@ impl Control {
                     .migration
                     .action(action)
                     .ok_or_else(|| failed("unknown migration action".into()));
+            }
+            VmmAction::SetLink { id, up } => {
+                let nic = self
+                    .vm
+                    .nics
+                    .iter()
+                    .find(|n| &n.id == id)
+                    .ok_or_else(|| ActionError::DeviceNotFound(id.clone()))?;
+                nic.shared.set_link(*up);
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.

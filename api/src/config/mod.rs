@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod disk;
+mod net;
 
 pub use disk::{CacheMode, DiskConfig, DiskFormat, DISK_SERIAL_MAX};
+pub use net::{parse_mac, NetConfig, NET_MAX_QUEUES};
 
 /// Highest vCPU count the configuration accepts. APIC ids are 8-bit in our MADT, and 255 is the
 /// broadcast id; KVM's own limit (`KVM_CAP_MAX_VCPUS`) is checked again when the VM is built.
@@ -53,6 +55,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order (the first is vda).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net cards, in PCI slot order after the disks (the first is eth0).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 /// Where a QMP monitor listens: `{"unix": "PATH"}` or `{"tcp": "HOST:PORT"}`.
@@ -441,7 +446,94 @@ impl VmConfig {
         for ep in &self.qmp {
             ep.validate()?;
         }
-        self.validate_disks(check_boot_files)
+        self.validate_disks(check_boot_files)?;
+        self.validate_nets()
+    }
+
+    /// The id of NIC `i`: its own, or `net<i>`.
+    pub fn net_id(&self, i: usize) -> String {
+        self.net[i].id.clone().unwrap_or_else(|| format!("net{i}"))
+    }
+
+    /// Gives every NIC without a MAC address one under QEMU's prefix 52:54:00, distinct from
+    /// the others. Done once when the configuration is made, so the guest keeps its address
+    /// across reboots, and a snapshot (which carries the configuration) across restores.
+    pub fn assign_macs(&mut self) {
+        let mut taken: Vec<[u8; 6]> = self
+            .net
+            .iter()
+            .filter_map(|n| n.mac.as_deref().and_then(parse_mac))
+            .collect();
+        let mut seed = random_u64();
+        for n in self.net.iter_mut().filter(|n| n.mac.is_none()) {
+            let mac = loop {
+                // splitmix64: a new candidate per try, from one random seed.
+                seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = seed;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                let b = z.to_le_bytes();
+                let m = [0x52, 0x54, 0x00, b[0], b[1], b[2]];
+                if !taken.contains(&m) {
+                    break m;
+                }
+            };
+            taken.push(mac);
+            n.mac = Some(
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            );
+        }
+    }
+
+    /// Checks each NIC, and that ids are unique among disks and NICs and MACs among NICs.
+    fn validate_nets(&self) -> Result<(), ConfigError> {
+        let mut ids: std::collections::HashSet<String> =
+            (0..self.disks.len()).map(|i| self.disk_id(i)).collect();
+        let mut macs = Vec::new();
+        let mut taps = Vec::new();
+        for (i, n) in self.net.iter().enumerate() {
+            let id = self.net_id(i);
+            let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+                field,
+                reason: format!("NIC `{id}`: {reason}"),
+            };
+            if RESERVED_DEVICE_IDS.contains(&id.as_str()) {
+                return Err(invalid(
+                    "net.id",
+                    "this id belongs to a platform device; choose another".into(),
+                ));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(invalid(
+                    "net.id",
+                    "the id is already used by another disk or NIC".into(),
+                ));
+            }
+            n.validate(&id)?;
+            if let Some(m) = n.mac.as_deref().and_then(parse_mac) {
+                if macs.contains(&m) {
+                    return Err(invalid(
+                        "net.mac",
+                        "two NICs have the same MAC address".into(),
+                    ));
+                }
+                macs.push(m);
+            }
+            if let Some(t) = &n.tap {
+                if taps.contains(t) {
+                    return Err(invalid(
+                        "net.tap",
+                        format!("tap `{t}` is given to two NICs"),
+                    ));
+                }
+                taps.push(t.clone());
+            }
+        }
+        Ok(())
     }
 
     /// The id of disk `i`: its own, or `disk<i>`.
@@ -508,6 +600,20 @@ fn check_readable_file(field: &'static str, path: &Path) -> Result<(), ConfigErr
     std::fs::File::open(path)
         .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
     Ok(())
+}
+
+/// 64 random bits from the kernel (getrandom(2)); the clock if it fails.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`, which is valid for writes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        return u64::from_le_bytes(b);
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

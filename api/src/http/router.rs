@@ -31,6 +31,8 @@ pub enum Route {
     Restore,
     /// `GET /vm/migration`: the last snapshot's or restore's status and statistics.
     GetMigration,
+    /// `PUT /vm/set-link` with `{"id": "net0", "up": false}` (QMP `set_link`).
+    SetLink,
 }
 
 /// Every route: method, path, operation.
@@ -45,6 +47,7 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/snapshot", Route::Snapshot),
     ("PUT", "/vm/restore", Route::Restore),
     ("GET", "/vm/migration", Route::GetMigration),
+    ("PUT", "/vm/set-link", Route::SetLink),
 ];
 
 impl Route {
@@ -68,7 +71,36 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::GetMigration => plain(VmmAction::QueryMigrate),
         Route::Snapshot => path_body(body).map(|path| VmmAction::Snapshot { path }),
         Route::Restore => path_body(body).map(|path| VmmAction::Restore { path }),
+        Route::SetLink => set_link_body(body),
     }
+}
+
+/// The `{"id": "net0", "up": true}` body of set-link.
+fn set_link_body(body: &[u8]) -> Result<VmmAction, Response> {
+    let bad = |msg: String| Response::error(400, msg);
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(bad(
+            "the request body must be a JSON object: {\"id\": \"net0\", \"up\": true}".into(),
+        ));
+    };
+    if let Some(k) = m.keys().find(|k| *k != "id" && *k != "up") {
+        return Err(bad(format!(
+            "unexpected field `{k}` in the request body (it takes `id` and `up`)"
+        )));
+    }
+    let id = match m.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => return Err(bad("`id` must be a non-empty string".into())),
+        None => return Err(bad("missing field `id` in the request body".into())),
+    };
+    let up = match m.get("up") {
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("`up` must be true or false".into())),
+        None => return Err(bad("missing field `up` in the request body".into())),
+    };
+    Ok(VmmAction::SetLink { id, up })
 }
 
 /// The `{"path": "/absolute/file"}` body of snapshot and restore. The path must be absolute:
@@ -264,6 +296,7 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         Err(e @ ActionError::InvalidState { .. }) => Response::error(409, e.to_string()),
         Err(e @ ActionError::Failed { .. }) => Response::error(500, e.to_string()),
         Err(e @ ActionError::Unavailable) => Response::error(503, e.to_string()),
+        Err(e @ ActionError::DeviceNotFound(_)) => Response::error(404, e.to_string()),
     }
 }
 

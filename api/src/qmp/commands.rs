@@ -105,6 +105,21 @@ const COMMANDS: &[(&str, &[Arg])] = &[
     ("system_powerdown", NO_ARGS),
     ("quit", NO_ARGS),
     (
+        "set_link",
+        &[
+            Arg {
+                name: "name",
+                ty: ArgType::Str,
+                required: true,
+            },
+            Arg {
+                name: "up",
+                ty: ArgType::Bool,
+                required: true,
+            },
+        ],
+    ),
+    (
         "migrate",
         &[
             Arg {
@@ -384,6 +399,10 @@ impl Monitor {
             Then::Action(action) => match reply {
                 Ok(_) => Ok(json!({})),
                 Err(e) if is_noop(&action, &e) => Ok(json!({})),
+                Err(e @ ActionError::DeviceNotFound(_)) => Err(CommandError {
+                    class: ErrorClass::DeviceNotFound,
+                    desc: e.to_string(),
+                }),
                 Err(e) => Err(CommandError::generic(migration::action_error_text(
                     &action,
                     &e,
@@ -509,6 +528,17 @@ impl Monitor {
                 submit(VmmAction::PowerButton, Then::Action(VmmAction::PowerButton))
             }
             "quit" => submit(VmmAction::Shutdown, Then::Action(VmmAction::Shutdown)),
+            "set_link" => {
+                let action = VmmAction::SetLink {
+                    id: args
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    up: args.get("up").and_then(Value::as_bool).unwrap_or(true),
+                };
+                submit(action.clone(), Then::Action(action))
+            }
             "migrate" => {
                 let action = migration::migrate_action(args)?;
                 submit(action.clone(), Then::Action(action))

@@ -1,9 +1,9 @@
 //! The human monitor commands reachable through QMP's `human-monitor-command`, with HMP's text
 //! output (QEMU's `monitor_puts` turns every `\n` into `\r\n`).
 //!
-//! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities`, `stop` (`s`),
-//! `cont` (`c`), `system_powerdown`, `system_reset`, `quit` (`q`), `migrate [-d] [-r] URI`,
-//! `migrate_incoming URI`, `migrate_set_capability NAME on|off`. Anything else prints what QEMU
+//! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities|network`, `stop`
+//! (`s`), `cont` (`c`), `system_powerdown`, `system_reset`, `quit` (`q`), `migrate [-d] [-r]
+//! URI`, `migrate_incoming URI`, `migrate_set_capability NAME on|off`, `set_link NAME on|off`. Anything else prints what QEMU
 //! prints. Arguments are split at white space (QEMU's quoted strings are not parsed).
 
 use super::commands::{unexpected, vm_info, CommandError};
@@ -36,13 +36,15 @@ pub(crate) enum InfoKind {
     Migrate,
     /// `info migrate_capabilities`.
     MigrateCapabilities,
+    /// `info network`.
+    Network,
 }
 
 impl InfoKind {
     /// The query whose answer the text is made of.
     pub(crate) fn action(self) -> VmmAction {
         match self {
-            InfoKind::Status | InfoKind::Cpus => VmmAction::GetVmInfo,
+            InfoKind::Status | InfoKind::Cpus | InfoKind::Network => VmmAction::GetVmInfo,
             InfoKind::Migrate => VmmAction::QueryMigrate,
             InfoKind::MigrateCapabilities => VmmAction::GetMigrationCapabilities,
         }
@@ -60,6 +62,7 @@ info kvm  -- show KVM information
 info migrate [-a] -- show migration status (-a: all, dump all status)
 info migrate_capabilities  -- show current migration capabilities
 info name  -- show the current VM name
+info network  -- show the network state
 info status  -- show the current VM status (running|paused)
 info version  -- show the version of QEMU
 ";
@@ -72,6 +75,7 @@ const INFO_NO_ARGS: &[&str] = &[
     "kvm",
     "name",
     "migrate_capabilities",
+    "network",
 ];
 
 /// `line` up to the end of its `n`-th word: what QEMU repeats in "Try \"help ...\"".
@@ -145,6 +149,22 @@ pub(crate) fn parse(line: &str) -> HmpCommand {
             ),
         },
         "migrate_set_capability" => parse_set_capability(line, &rest),
+        "set_link" => match rest.as_slice() {
+            [] => bad_args("set_link: string expected", line, 1),
+            [_] => bad_args("Expected 'on' or 'off'", line, 1),
+            [name, state] => match *state {
+                "on" | "off" => HmpCommand::Action(VmmAction::SetLink {
+                    id: name.to_string(),
+                    up: *state == "on",
+                }),
+                _ => bad_args("Expected 'on' or 'off'", line, 1),
+            },
+            _ => bad_args(
+                "set_link: extraneous characters at the end of line",
+                line,
+                1,
+            ),
+        },
         other => HmpCommand::Text(crlf(&format!("unknown command: '{other}'\n"))),
     }
 }
@@ -183,6 +203,7 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         "cpus" => HmpCommand::Info(InfoKind::Cpus),
         "migrate" => HmpCommand::Info(InfoKind::Migrate),
         "migrate_capabilities" => HmpCommand::Info(InfoKind::MigrateCapabilities),
+        "network" => HmpCommand::Info(InfoKind::Network),
         "version" => {
             let v = VersionInfo::current();
             HmpCommand::Text(crlf(&format!("{}\n", v.version)))
@@ -253,7 +274,9 @@ fn parse_set_capability(line: &str, rest: &[&str]) -> HmpCommand {
 /// The text of an `info` command from the VMM's answer to [`InfoKind::action`].
 pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<String, CommandError> {
     match kind {
-        InfoKind::Status | InfoKind::Cpus => vm_info(reply).map(|vm| info_text(kind, &vm, cpu)),
+        InfoKind::Status | InfoKind::Cpus | InfoKind::Network => {
+            vm_info(reply).map(|vm| info_text(kind, &vm, cpu))
+        }
         InfoKind::Migrate => match reply {
             Ok(VmmResponse::Migration(info)) => Ok(crlf(&migrate_text(&info))),
             other => Err(unexpected(other)),
@@ -294,6 +317,25 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
                     "{mark} CPU #{}: thread_id={}\n",
                     c.index,
                     c.thread_id.unwrap_or(0)
+                )
+            })
+            .collect(),
+        // As QEMU's `hmp_info_network`: each NIC, then its backend indented under it.
+        InfoKind::Network => vm
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let link = if n.link_up { "" } else { ",link=down" };
+                format!(
+                    "{id}: index={i},type=nic,model={model},macaddr={mac}{link}\n \\ {id}-tap: \
+                     index={i},type=tap,ifname={tap},vhost={vhost},queues={q}\n",
+                    id = n.id,
+                    model = n.model,
+                    mac = n.mac,
+                    tap = n.tap,
+                    vhost = if n.vhost { "on" } else { "off" },
+                    q = n.queues,
                 )
             })
             .collect(),
@@ -423,6 +465,7 @@ mod tests {
     fn vm(state: VmState) -> VmInfo {
         VmInfo {
             state,
+            nics: Vec::new(),
             config: VmConfig::default(),
             vcpus: vec![
                 VcpuInfo {

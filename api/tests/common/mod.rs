@@ -158,6 +158,7 @@ impl FakeVmm {
                                 Ok(match req.action {
                                     VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
                                         state: *s,
+                                        nics: Vec::new(),
                                         config: VmConfig::default(),
                                         vcpus: vec![
                                             VcpuInfo {

@@ -164,8 +164,15 @@ pub struct NetShared {
     pub counters: NetCounters,
 }
 
+impl Default for NetShared {
+    fn default() -> Self {
+        NetShared::new()
+    }
+}
+
 impl NetShared {
-    fn new() -> Self {
+    /// Link up, no driver, counters at zero.
+    pub fn new() -> Self {
         NetShared {
             link_up: AtomicBool::new(true),
             announce: AtomicBool::new(false),
@@ -299,6 +306,16 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 impl<T: TapQueue> Net<T> {
     /// A NIC over `taps` (one queue of the tap per queue pair).
     pub fn new(taps: Vec<T>, options: NetOptions) -> Result<Self, NetError> {
+        Self::with_shared(taps, options, Arc::new(NetShared::new()))
+    }
+
+    /// A NIC whose link state and counters live in `shared`, which outlives the device (the
+    /// VMM builds a new device for each boot of the same VM).
+    pub fn with_shared(
+        taps: Vec<T>,
+        options: NetOptions,
+        shared: Arc<NetShared>,
+    ) -> Result<Self, NetError> {
         let pairs = taps.len();
         if pairs == 0 || pairs > usize::from(MAX_QUEUE_PAIRS) {
             return Err(NetError::QueuePairs(pairs));
@@ -337,7 +354,7 @@ impl<T: TapQueue> Net<T> {
             active: None,
             queue_sizes,
             avail_features: features,
-            shared: Arc::new(NetShared::new()),
+            shared,
             restored: None,
         })
     }

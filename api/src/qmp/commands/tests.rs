@@ -22,6 +22,7 @@ fn negotiated() -> Monitor {
 fn vm(state: VmState) -> Reply {
     Ok(VmmResponse::VmInfo(Box::new(VmInfo {
         state,
+        nics: Vec::new(),
         config: VmConfig::default(),
         vcpus: vec![
             VcpuInfo {
