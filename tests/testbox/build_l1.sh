@@ -24,7 +24,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 DEB_CACHE=${DEB_CACHE:-$ROOT/build/debs}
 # Parameters of kvm_amd in L1 (see the pitfalls in README.md: QEMU/TCG's emulation of vGIF crashes L1).
 KVM_AMD_PARAMS=${TESTBOX_KVM_AMD_PARAMS-vgif=0}
-L1_MODULES="irqbypass kvm kvm-amd vhost_iotlb vhost tap tun vhost_net virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk"
+L1_MODULES="irqbypass kvm kvm-amd vhost_iotlb vhost tap tun vhost_net llc stp bridge virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk"
 
 base() {
   local out=$1 kdeb st T R kver
