@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use crate::config::{RateLimiterConfig, VmConfig};
 
 /// The VM's run state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -99,6 +99,17 @@ pub enum VmmAction {
         /// Up (true) or down.
         up: bool,
     },
+    /// Change a NIC's rate limits while it runs (REST `PUT /vm/net-rate-limit`, `vmm ctl
+    /// rate-limit`; QEMU has no such command). A direction given replaces that direction's
+    /// limiter (an empty one removes the limit); a direction left out is kept.
+    SetNetRateLimit {
+        /// The NIC's id.
+        id: String,
+        /// What the guest receives.
+        rx: Option<RateLimiterConfig>,
+        /// What the guest sends.
+        tx: Option<RateLimiterConfig>,
+    },
 }
 
 impl VmmAction {
@@ -118,6 +129,7 @@ impl VmmAction {
             VmmAction::SetMigrationCapabilities(_) => "set-migration-capabilities",
             VmmAction::GetMigrationCapabilities => "get-migration-capabilities",
             VmmAction::SetLink { .. } => "set-link",
+            VmmAction::SetNetRateLimit { .. } => "set-net-rate-limit",
         }
     }
 }
@@ -161,6 +173,10 @@ pub struct NicInfo {
     pub queues: u16,
     /// Whether the link is up.
     pub link_up: bool,
+    /// The limits on what the guest receives, as set now.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// The limits on what the guest sends, as set now.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
     /// Counters since the VMM started.
     pub counters: NicCounters,
 }
@@ -369,7 +385,9 @@ impl VmState {
         match (self, action) {
             (_, GetVmInfo | GetVersion | QueryMigrate | GetMigrationCapabilities) => Ok(self),
             // A link can be set whenever the VM exists, stopped or not (QEMU too).
-            (Created | Running | Paused | PostMigrate, SetLink { .. }) => Ok(self),
+            (Created | Running | Paused | PostMigrate, SetLink { .. } | SetNetRateLimit { .. }) => {
+                Ok(self)
+            }
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).

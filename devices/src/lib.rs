@@ -20,4 +20,5 @@ pub mod interrupt;
 pub mod net;
 pub mod pci;
 pub mod persist;
+pub mod rate_limiter;
 pub mod serial;

@@ -1,8 +1,9 @@
 //! `vmm ctl`: a client for people, over the REST API socket of a running VMM.
 //!
 //! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
-//! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE` and `vmm ctl --api-socket PATH
-//! set-link ID on|off` send one HTTP/1.1 request
+//! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE`, `vmm ctl --api-socket PATH
+//! set-link ID on|off` and `vmm ctl --api-socket PATH rate-limit ID [--rx-bps N] [--tx-bps N]
+//! [--rx-pps N] [--tx-pps N]` send one HTTP/1.1 request
 //! (`Connection: close`), read the response with `httparse`, print the JSON of
 //! `info`/`version`/`migration` indented, and turn every failure into one clear line and a
 //! non-zero exit status. FILE is made absolute against the current directory first: the VMM's
@@ -65,6 +66,26 @@ pub enum CtlCommand {
     Migration,
     /// List the network cards (like `virsh domiflist`), with link state and counters.
     Nics,
+    /// Change a network card's rate limits while it runs. A direction named by an option is
+    /// replaced as a whole (bytes and frames per second; 0 removes that bucket); the other
+    /// direction is kept.
+    RateLimit {
+        /// The NIC's id (see `nics`).
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Bytes per second the guest may receive.
+        #[arg(long, value_name = "N")]
+        rx_bps: Option<u64>,
+        /// Frames per second the guest may receive.
+        #[arg(long, value_name = "N")]
+        rx_pps: Option<u64>,
+        /// Bytes per second the guest may send.
+        #[arg(long, value_name = "N")]
+        tx_bps: Option<u64>,
+        /// Frames per second the guest may send.
+        #[arg(long, value_name = "N")]
+        tx_pps: Option<u64>,
+    },
     /// Set a network card's link up or down (QMP `set_link`).
     SetLink {
         /// The NIC's id (see `nics`).
@@ -92,6 +113,7 @@ impl CtlCommand {
             CtlCommand::Migration => ("GET", "/vm/migration"),
             CtlCommand::Nics => ("GET", "/vm"),
             CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
+            CtlCommand::RateLimit { .. } => ("PUT", "/vm/net-rate-limit"),
         }
     }
 
@@ -112,6 +134,33 @@ impl CtlCommand {
             CtlCommand::SetLink { id, state } => Ok(Some(
                 serde_json::json!({ "id": id, "up": state == "on" }).to_string(),
             )),
+            CtlCommand::RateLimit {
+                id,
+                rx_bps,
+                rx_pps,
+                tx_bps,
+                tx_pps,
+            } => {
+                let bucket = |rate: Option<u64>| match rate {
+                    Some(n) if n > 0 => serde_json::json!({"size": n, "refill_time": 1000}),
+                    _ => serde_json::Value::Null,
+                };
+                let mut body = serde_json::json!({ "id": id });
+                if rx_bps.is_some() || rx_pps.is_some() {
+                    body["rx_rate_limiter"] =
+                        serde_json::json!({"bandwidth": bucket(*rx_bps), "ops": bucket(*rx_pps)});
+                }
+                if tx_bps.is_some() || tx_pps.is_some() {
+                    body["tx_rate_limiter"] =
+                        serde_json::json!({"bandwidth": bucket(*tx_bps), "ops": bucket(*tx_pps)});
+                }
+                if body.get("rx_rate_limiter").is_none() && body.get("tx_rate_limiter").is_none() {
+                    return Err(CtlError::BadArgs(
+                        "give at least one of --rx-bps, --rx-pps, --tx-bps, --tx-pps".into(),
+                    ));
+                }
+                Ok(Some(body.to_string()))
+            }
             _ => Ok(None),
         }
     }
@@ -171,6 +220,9 @@ pub enum CtlError {
         /// Why.
         reason: String,
     },
+    /// The command's arguments do not make a request.
+    #[error("{0}")]
+    BadArgs(String),
     /// The VMM refused or failed: its message and the status.
     #[error("{message} (HTTP {status})")]
     Http {
@@ -538,6 +590,7 @@ mod tests {
                 "restore",
                 "migration",
                 "nics",
+                "rate-limit",
                 "set-link"
             ]
         );

@@ -7,10 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use api::config::parse_mac;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use api::config::{parse_mac, RateLimiterConfig, TokenBucketConfig};
 use api::{NetConfig, VmConfig};
 use devices::net::{Tap, TapError};
-use virtio::net::{Net, NetOptions, NetShared};
+use devices::rate_limiter::BucketConfig;
+use virtio::net::{DirectionLimit, Net, NetOptions, NetRateLimits, NetShared};
 
 /// Errors setting up a NIC: each names the NIC and is the user's to fix (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,40 @@ pub struct NicHandle {
     pub vhost: bool,
     /// Link state and counters.
     pub shared: Arc<NetShared>,
+    /// The rate limits as configured now (rx, tx), as the user gave them.
+    pub limits: Arc<Mutex<(Option<RateLimiterConfig>, Option<RateLimiterConfig>)>>,
+}
+
+fn bucket(b: &TokenBucketConfig) -> BucketConfig {
+    BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time: Duration::from_millis(b.refill_time),
+    }
+}
+
+fn direction(r: &Option<RateLimiterConfig>) -> DirectionLimit {
+    DirectionLimit {
+        bandwidth: r.as_ref().and_then(|r| r.bandwidth.as_ref()).map(bucket),
+        ops: r.as_ref().and_then(|r| r.ops.as_ref()).map(bucket),
+    }
+}
+
+impl NicHandle {
+    /// Replaces the limits of the directions given (`Some`); the device applies them at once.
+    pub fn set_rate_limits(&self, rx: Option<RateLimiterConfig>, tx: Option<RateLimiterConfig>) {
+        let mut l = crate::lock(&self.limits);
+        if rx.is_some() {
+            l.0 = rx;
+        }
+        if tx.is_some() {
+            l.1 = tx;
+        }
+        self.shared.set_rate_limits(NetRateLimits {
+            rx: direction(&l.0),
+            tx: direction(&l.1),
+        });
+    }
 }
 
 struct Nic {
@@ -205,11 +243,14 @@ fn open_one(id: &str, n: &NetConfig) -> Result<Nic, NetSetupError> {
             queues: n.queues,
             vhost: n.vhost,
             shared: Arc::new(NetShared::new()),
+            limits: Arc::new(Mutex::new((None, None))),
         },
         taps: opened.queues,
         mtu: n.mtu,
         downscript: None,
     };
+    nic.handle
+        .set_rate_limits(n.rx_rate_limiter, n.tx_rate_limiter);
     if let Some(script) = &n.script {
         run_script(id, "script", script, &name)?;
     }

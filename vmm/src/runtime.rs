@@ -176,6 +176,8 @@ fn nic_info(n: &crate::net::NicHandle) -> api::action::NicInfo {
         vhost: n.vhost,
         queues: n.queues,
         link_up: n.shared.link_up(),
+        rx_rate_limiter: lock(&n.limits).0,
+        tx_rate_limiter: lock(&n.limits).1,
         counters: api::action::NicCounters {
             rx_bytes: c.rx_bytes,
             rx_packets: c.rx_packets,
@@ -313,6 +315,15 @@ impl Control {
                     .find(|n| &n.id == id)
                     .ok_or_else(|| ActionError::DeviceNotFound(id.clone()))?;
                 nic.shared.set_link(*up);
+            }
+            VmmAction::SetNetRateLimit { id, rx, tx } => {
+                let nic = self
+                    .vm
+                    .nics
+                    .iter()
+                    .find(|n| &n.id == id)
+                    .ok_or_else(|| ActionError::DeviceNotFound(id.clone()))?;
+                nic.set_rate_limits(*rx, *tx);
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.

@@ -13,7 +13,7 @@ mod disk;
 mod net;
 
 pub use disk::{CacheMode, DiskConfig, DiskFormat, DISK_SERIAL_MAX};
-pub use net::{parse_mac, NetConfig, NET_MAX_QUEUES};
+pub use net::{parse_mac, NetConfig, RateLimiterConfig, TokenBucketConfig, NET_MAX_QUEUES};
 
 /// Highest vCPU count the configuration accepts. APIC ids are 8-bit in our MADT, and 255 is the
 /// broadcast id; KVM's own limit (`KVM_CAP_MAX_VCPUS`) is checked again when the VM is built.

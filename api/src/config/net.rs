@@ -42,6 +42,67 @@ pub struct NetConfig {
     /// Run with the tap's name as argument when the VMM exits (QEMU's `downscript`).
     #[serde(default)]
     pub downscript: Option<PathBuf>,
+    /// Limits on what the guest receives.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A rate limiter, as Firecracker configures one: a bytes bucket and an operations (frames)
+/// bucket, each optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Bytes.
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Frames.
+    #[serde(default)]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// A token bucket: `size` tokens per `refill_time` milliseconds, with `one_time_burst` extra
+/// tokens available once at the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Bucket size: tokens per refill time.
+    pub size: u64,
+    /// Extra tokens, available once.
+    #[serde(default)]
+    pub one_time_burst: u64,
+    /// Milliseconds to refill the whole bucket.
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// `n` tokens per second.
+    pub fn per_second(n: u64) -> TokenBucketConfig {
+        TokenBucketConfig {
+            size: n,
+            one_time_burst: 0,
+            refill_time: 1000,
+        }
+    }
+}
+
+impl RateLimiterConfig {
+    /// Checks the buckets; the error says which one is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, b) in [("bandwidth", &self.bandwidth), ("ops", &self.ops)] {
+            if let Some(b) = b {
+                if b.size == 0 || b.refill_time == 0 {
+                    return Err(format!(
+                        "{what}: size and refill_time must be above 0 (leave the bucket out for \
+                         no limit)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn one() -> u16 {
@@ -76,6 +137,8 @@ impl NetConfig {
             mtu: None,
             script: None,
             downscript: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }
     }
 
@@ -129,6 +192,14 @@ impl NetConfig {
                 ));
             }
         }
+        if let Some(r) = &self.rx_rate_limiter {
+            r.validate()
+                .map_err(|e| invalid("net.rx_rate_limiter", e))?;
+        }
+        if let Some(r) = &self.tx_rate_limiter {
+            r.validate()
+                .map_err(|e| invalid("net.tx_rate_limiter", e))?;
+        }
         for (field, path) in [
             ("net.script", &self.script),
             ("net.downscript", &self.downscript),
@@ -166,7 +237,9 @@ impl std::str::FromStr for NetConfig {
     type Err = ConfigError;
 
     /// Parses `--net [tap=NAME][,mac=MAC][,vhost=on|off][,queues=N][,mtu=N][,script=PATH|no]
-    /// [,downscript=PATH|no][,id=ID]` (`ifname` is accepted for `tap`, as QEMU names it).
+    /// [,downscript=PATH|no][,id=ID][,rx_bps=N][,tx_bps=N][,rx_pps=N][,tx_pps=N]`
+    /// (`ifname` is accepted for `tap`, as QEMU names it; the rates are bytes and frames per
+    /// second).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = |reason: String| ConfigError::Invalid {
             field: "net",
@@ -192,6 +265,23 @@ impl std::str::FromStr for NetConfig {
                         v.parse()
                             .map_err(|_| bad(format!("mtu `{v}` is not a number")))?,
                     )
+                }
+                "rx_bps" | "tx_bps" | "rx_pps" | "tx_pps" => {
+                    let rate: u64 = v
+                        .parse()
+                        .map_err(|_| bad(format!("{k} `{v}` is not a number")))?;
+                    let lim = if k.starts_with("rx") {
+                        &mut n.rx_rate_limiter
+                    } else {
+                        &mut n.tx_rate_limiter
+                    };
+                    let lim = lim.get_or_insert_with(RateLimiterConfig::default);
+                    let bucket = (rate > 0).then(|| TokenBucketConfig::per_second(rate));
+                    if k.ends_with("bps") {
+                        lim.bandwidth = bucket;
+                    } else {
+                        lim.ops = bucket;
+                    }
                 }
                 "script" => n.script = (v != "no").then(|| v.into()),
                 "downscript" => n.downscript = (v != "no").then(|| v.into()),
@@ -242,6 +332,19 @@ mod tests {
         assert!("tap=t,queues=x".parse::<NetConfig>().is_err());
         let d: NetConfig = "".parse().unwrap();
         assert_eq!(d, NetConfig::new());
+        let r: NetConfig = "tx_bps=10000000,tx_pps=5000,rx_bps=1000".parse().unwrap();
+        assert_eq!(
+            r.tx_rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::per_second(10_000_000)),
+                ops: Some(TokenBucketConfig::per_second(5000)),
+            })
+        );
+        assert_eq!(
+            r.rx_rate_limiter.unwrap().bandwidth,
+            Some(TokenBucketConfig::per_second(1000))
+        );
+        assert!("rx_bps=fast".parse::<NetConfig>().is_err());
     }
 
     #[test]
@@ -264,6 +367,16 @@ mod tests {
         assert!(check(n.clone()).unwrap_err().contains("net.script"));
         n.script = None;
         n.mtu = Some(20);
-        assert!(check(n).unwrap_err().contains("net.mtu"));
+        assert!(check(n.clone()).unwrap_err().contains("net.mtu"));
+        n.mtu = None;
+        n.tx_rate_limiter = Some(RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 10,
+                one_time_burst: 0,
+                refill_time: 0,
+            }),
+            ops: None,
+        });
+        assert!(check(n).unwrap_err().contains("net.tx_rate_limiter"));
     }
 }

@@ -33,6 +33,8 @@ pub enum Route {
     GetMigration,
     /// `PUT /vm/set-link` with `{"id": "net0", "up": false}` (QMP `set_link`).
     SetLink,
+    /// `PUT /vm/net-rate-limit` with `{"id": "net0", "tx_rate_limiter": {...}}`.
+    NetRateLimit,
 }
 
 /// Every route: method, path, operation.
@@ -48,6 +50,7 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/restore", Route::Restore),
     ("GET", "/vm/migration", Route::GetMigration),
     ("PUT", "/vm/set-link", Route::SetLink),
+    ("PUT", "/vm/net-rate-limit", Route::NetRateLimit),
 ];
 
 impl Route {
@@ -72,7 +75,40 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::Snapshot => path_body(body).map(|path| VmmAction::Snapshot { path }),
         Route::Restore => path_body(body).map(|path| VmmAction::Restore { path }),
         Route::SetLink => set_link_body(body),
+        Route::NetRateLimit => rate_limit_body(body),
     }
+}
+
+/// The body of net-rate-limit: the NIC's id and the limiters to replace.
+fn rate_limit_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        id: String,
+        #[serde(default)]
+        rx_rate_limiter: Option<crate::config::RateLimiterConfig>,
+        #[serde(default)]
+        tx_rate_limiter: Option<crate::config::RateLimiterConfig>,
+    }
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))?;
+    if b.id.is_empty() {
+        return Err(Response::error(400, "`id` must be a non-empty string"));
+    }
+    for (name, r) in [
+        ("rx_rate_limiter", &b.rx_rate_limiter),
+        ("tx_rate_limiter", &b.tx_rate_limiter),
+    ] {
+        if let Some(r) = r {
+            r.validate()
+                .map_err(|e| Response::error(400, format!("{name}: {e}")))?;
+        }
+    }
+    Ok(VmmAction::SetNetRateLimit {
+        id: b.id,
+        rx: b.rx_rate_limiter,
+        tx: b.tx_rate_limiter,
+    })
 }
 
 /// The `{"id": "net0", "up": true}` body of set-link.

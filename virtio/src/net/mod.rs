@@ -20,13 +20,17 @@ pub mod ctrl;
 pub mod persist;
 pub mod queue;
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use vmm_sys_util::eventfd::EventFd;
 
 use devices::net::tap::offload;
 use devices::net::Tap;
 use devices::persist::RestoreError;
+use devices::rate_limiter::{BucketConfig, RateLimiter};
 use event_manager::EventSet;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::*;
@@ -154,8 +158,29 @@ pub struct NetStats {
     pub tx_errors: u64,
 }
 
+/// One direction's rate limit: a bytes bucket and a frames bucket (either may be absent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectionLimit {
+    /// Bytes per refill time.
+    pub bandwidth: Option<BucketConfig>,
+    /// Frames per refill time.
+    pub ops: Option<BucketConfig>,
+}
+
+/// A NIC's rate limits; rx is towards the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetRateLimits {
+    /// Frames delivered to the guest.
+    pub rx: DirectionLimit,
+    /// Frames the guest sends.
+    pub tx: DirectionLimit,
+}
+
 /// What the VMM holds on to while the device lives inside its transport.
 pub struct NetShared {
+    limits: Mutex<(u64, NetRateLimits)>,
+    /// Written when the limits change: the device takes them at once.
+    wake: EventFd,
     link_up: AtomicBool,
     announce: AtomicBool,
     acked: AtomicU64,
@@ -174,12 +199,35 @@ impl NetShared {
     /// Link up, no driver, counters at zero.
     pub fn new() -> Self {
         NetShared {
+            limits: Mutex::new((0, NetRateLimits::default())),
+            // EFD_NONBLOCK: a spurious wakeup reads nothing. Creating an eventfd only fails
+            // when the process is out of fds, and then nothing else works either.
+            wake: EventFd::new(libc::EFD_NONBLOCK).expect("cannot create an eventfd"),
             link_up: AtomicBool::new(true),
             announce: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             interrupt: Mutex::new(None),
             counters: NetCounters::default(),
         }
+    }
+
+    /// Replaces the rate limits; a running device applies them at once (full buckets).
+    pub fn set_rate_limits(&self, limits: NetRateLimits) {
+        let mut l = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        l.0 += 1;
+        l.1 = limits;
+        drop(l);
+        let _ = self.wake.write(1);
+    }
+
+    /// The rate limits.
+    pub fn rate_limits(&self) -> NetRateLimits {
+        self.limits.lock().unwrap_or_else(PoisonError::into_inner).1
+    }
+
+    fn limits_since(&self, generation: u64) -> Option<(u64, NetRateLimits)> {
+        let l = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        (l.0 != generation).then_some(*l)
     }
 
     /// Whether the link is up.
@@ -253,6 +301,9 @@ pub enum NetError {
     /// The MTU is outside what Ethernet over virtio can carry.
     #[error("MTU {0} is outside 68..=65535")]
     Mtu(u16),
+    /// The rate limiter's timer could not be made.
+    #[error("cannot create a timerfd: {0}")]
+    Timer(String),
 }
 
 /// The runtime control settings the driver chose (and a snapshot keeps).
@@ -283,6 +334,65 @@ pub struct Net<T = Tap> {
     shared: Arc<NetShared>,
     /// Control settings from a restored snapshot, applied by the next activation.
     restored: Option<CtrlSettings>,
+    limiters: Limiters,
+}
+
+/// The device's rate limiters, the limits generation they were built from, and the timer that
+/// wakes the device when a throttled direction may go on.
+struct Limiters {
+    generation: u64,
+    rx: RateLimiter,
+    tx: RateLimiter,
+    timer: TimerFd,
+}
+
+/// A one-shot, non-blocking CLOCK_MONOTONIC timerfd.
+struct TimerFd(std::os::fd::OwnedFd);
+
+impl TimerFd {
+    fn new() -> std::io::Result<TimerFd> {
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd nobody else owns.
+        Ok(TimerFd(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    /// Fires once after `after` (replacing an earlier setting).
+    fn arm(&self, after: Duration) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
+        unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Consumes an expiry, if any.
+    fn clear(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `buf`; EAGAIN when not expired is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
+}
+
+fn limiter(d: &DirectionLimit) -> RateLimiter {
+    RateLimiter::new(d.bandwidth, d.ops, Instant::now())
 }
 
 impl<T> std::fmt::Debug for Net<T> {
@@ -354,6 +464,12 @@ impl<T: TapQueue> Net<T> {
             active: None,
             queue_sizes,
             avail_features: features,
+            limiters: Limiters {
+                generation: 0,
+                rx: limiter(&shared.rate_limits().rx),
+                tx: limiter(&shared.rate_limits().tx),
+                timer: TimerFd::new().map_err(|e| NetError::Timer(e.to_string()))?,
+            },
             shared,
             restored: None,
         })
@@ -408,6 +524,7 @@ impl<T: TapQueue> Net<T> {
     }
 
     fn run_pair(&mut self, pair: usize, rx: bool, tx: bool) {
+        self.take_new_limits();
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -416,14 +533,48 @@ impl<T: TapQueue> Net<T> {
             return;
         };
         if tx {
-            if let Err(e) = p.process_tx(&ctx) {
+            if let Err(e) = p.process_tx(&ctx, &mut self.limiters.tx) {
                 log::error!("virtio-net: transmit queue {}: {e}", p.rx_index + 1);
             }
         }
         if rx {
-            if let Err(e) = p.process_rx(&ctx) {
+            if let Err(e) = p.process_rx(&ctx, &mut self.limiters.rx) {
                 log::error!("virtio-net: receive queue {}: {e}", p.rx_index);
             }
+        }
+        if let Some(wait) = p.throttled_for() {
+            self.limiters.timer.arm(wait);
+        }
+    }
+
+    /// Every running pair, both ways (the rate limiter's timer fired, or its limits changed).
+    fn run_all(&mut self) {
+        self.take_new_limits();
+        let n = self.active.as_ref().map_or(0, |a| a.pairs.len());
+        let mut wait: Option<Duration> = None;
+        for i in 0..n {
+            self.run_pair(i, true, true);
+            let w = self
+                .active
+                .as_ref()
+                .and_then(|a| a.pairs[i].as_ref())
+                .and_then(QueuePair::throttled_for);
+            wait = match (wait, w) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if let Some(w) = wait {
+            self.limiters.timer.arm(w);
+        }
+    }
+
+    /// Rebuilds the limiters if the VMM changed the limits.
+    fn take_new_limits(&mut self) {
+        if let Some((generation, limits)) = self.shared.limits_since(self.limiters.generation) {
+            self.limiters.generation = generation;
+            self.limiters.rx = limiter(&limits.rx);
+            self.limiters.tx = limiter(&limits.tx);
         }
     }
 
@@ -651,6 +802,8 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
         }
     }
 
+    /// The running pairs' tap fds, then the rate limiter's timer, then the limits-changed
+    /// EventFd.
     fn backend_fds(&self) -> Vec<RawFd> {
         match &self.active {
             Some(a) => a
@@ -658,6 +811,10 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
                 .iter()
                 .flatten()
                 .map(|p| p.backend().as_raw_fd())
+                .chain([
+                    self.limiters.timer.0.as_raw_fd(),
+                    self.shared.wake.as_raw_fd(),
+                ])
                 .collect(),
             None => Vec::new(),
         }
@@ -668,6 +825,17 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
     }
 
     fn process_backend(&mut self, index: usize, events: EventSet) {
+        let running = self
+            .active
+            .as_ref()
+            .map_or(0, |a| a.pairs.iter().flatten().count());
+        if index >= running {
+            // The timer or the limits-changed EventFd.
+            self.limiters.timer.clear();
+            let _ = self.shared.wake.read();
+            self.run_all();
+            return;
+        }
         // `index` counts the pairs that are running, in order.
         let pair = match &self.active {
             Some(a) => a

@@ -13,6 +13,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::rate_limiter::RateLimiter;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -94,6 +97,12 @@ pub struct QueuePair<B> {
     backend: B,
     /// A frame read from the backend that is waiting for receive buffers.
     pending: Option<usize>,
+    /// The pending frame's tokens were taken from the receive rate limiter.
+    pending_paid: bool,
+    /// Receiving waits this long for the rate limiter.
+    rx_wait: Option<Duration>,
+    /// Transmitting waits this long for the rate limiter.
+    tx_wait: Option<Duration>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     /// The backend refused a frame (`WouldBlock`): retry on writability.
@@ -127,6 +136,9 @@ impl<B: FrameBackend> QueuePair<B> {
             tx,
             backend,
             pending: None,
+            pending_paid: false,
+            rx_wait: None,
+            tx_wait: None,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             tx_blocked: false,
@@ -160,10 +172,23 @@ impl<B: FrameBackend> QueuePair<B> {
         self.pending.is_some()
     }
 
-    /// Moves frames from the backend to the guest until the backend has none or the guest has
-    /// no buffers left. Returns the number of frames delivered.
-    pub fn process_rx(&mut self, ctx: &PairContext) -> Result<usize, QueueError> {
+    /// How long the rate limiter holds this pair back, if it does: the sooner of both ways.
+    pub fn throttled_for(&self) -> Option<Duration> {
+        match (self.rx_wait, self.tx_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Moves frames from the backend to the guest until the backend has none, the guest has no
+    /// buffers left or `limiter` says wait. Returns the number of frames delivered.
+    pub fn process_rx(
+        &mut self,
+        ctx: &PairContext,
+        limiter: &mut RateLimiter,
+    ) -> Result<usize, QueueError> {
         let mut delivered = 0;
+        self.rx_wait = None;
         let mut budget_errors = 64; // a backend failing at every read must not spin us
                                     // Without EVENT_IDX: no notifications while we have buffers (with it, avail_event stays
                                     // behind until we run out and move it).
@@ -190,11 +215,24 @@ impl<B: FrameBackend> QueuePair<B> {
                     }
                 },
             };
+            if self.pending.is_none() {
+                self.pending_paid = false;
+            }
             self.pending = Some(len);
             if !ctx.link_up {
                 self.pending = None;
                 NetCounters::add(&ctx.counters.rx_dropped, 1);
                 continue;
+            }
+            if !self.pending_paid {
+                match limiter.consume((len - VNET_HDR_LEN) as u64, Instant::now()) {
+                    Ok(()) => self.pending_paid = true,
+                    Err(wait) => {
+                        // Hold the frame and stop reading the tap until the tokens are there.
+                        self.rx_wait = Some(wait);
+                        break;
+                    }
+                }
             }
             match self.deliver(ctx.mem, len, ctx.mergeable)? {
                 Delivery::Done => {
@@ -304,12 +342,17 @@ impl<B: FrameBackend> QueuePair<B> {
         Ok(Delivery::Done)
     }
 
-    /// Moves the guest's transmit chains to the backend until the ring is empty or the backend
-    /// is full. Returns the number of frames sent.
-    pub fn process_tx(&mut self, ctx: &PairContext) -> Result<usize, QueueError> {
+    /// Moves the guest's transmit chains to the backend until the ring is empty, the backend
+    /// is full or `limiter` says wait. Returns the number of frames sent.
+    pub fn process_tx(
+        &mut self,
+        ctx: &PairContext,
+        limiter: &mut RateLimiter,
+    ) -> Result<usize, QueueError> {
         let mut sent = 0;
         let mut completed = 0;
         self.tx_blocked = false;
+        self.tx_wait = None;
         'outer: loop {
             self.tx.disable_notification(ctx.mem)?;
             let mut this_pass = 0;
@@ -335,7 +378,18 @@ impl<B: FrameBackend> QueuePair<B> {
                     }
                 }
                 this_pass += 1;
-                if !ok || self.tx_buf.len() < VNET_HDR_LEN || !ctx.link_up {
+                let valid = ok && self.tx_buf.len() >= VNET_HDR_LEN && ctx.link_up;
+                if valid {
+                    let bytes = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
+                    if let Err(wait) = limiter.consume(bytes, Instant::now()) {
+                        // Back on the ring; it goes out when the tokens are there. The guest's
+                        // notifications stay off meanwhile.
+                        self.tx.set_next_avail(self.tx.next_avail().wrapping_sub(1));
+                        self.tx_wait = Some(wait);
+                        break 'outer;
+                    }
+                }
+                if !valid {
                     NetCounters::add(&ctx.counters.tx_dropped, 1);
                 } else {
                     match self.backend.write_frame(&self.tx_buf) {

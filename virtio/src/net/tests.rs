@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::net::TapError;
+use devices::rate_limiter::{BucketConfig, RateLimiter};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -214,7 +215,11 @@ fn rx_one_frame_in_one_buffer() {
     let (mut p, log) = pair(&rxm, &txm);
     let f = frame(1000, 3);
     log.lock().unwrap().incoming.push_back(f.clone());
-    assert_eq!(p.process_rx(&r.ctx(false, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_rx(&r.ctx(false, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(r.used(&rxm), vec![(0, f.len() as u32)]);
     let mut want = f.clone();
     want[10..12].copy_from_slice(&1u16.to_le_bytes());
@@ -236,7 +241,11 @@ fn rx_mergeable_spans_buffers_and_counts_them() {
     let (mut p, log) = pair(&rxm, &txm);
     let f = frame(3500, 9);
     log.lock().unwrap().incoming.push_back(f.clone());
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(r.used(&rxm), vec![(0, 1500), (2, 1500), (3, 512)]);
     let mut got = r.read(BUF, 1500);
     got.extend(r.read(BUF + 0x1000, 1500));
@@ -254,7 +263,11 @@ fn rx_without_buffers_keeps_the_frame_and_stops_reading() {
     for i in 0..3 {
         log.lock().unwrap().incoming.push_back(frame(100, i));
     }
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert!(p.has_pending());
     assert_eq!(
         log.lock().unwrap().reads,
@@ -263,7 +276,11 @@ fn rx_without_buffers_keeps_the_frame_and_stops_reading() {
     );
     assert_eq!(log.lock().unwrap().incoming.len(), 2);
     // Again (a spurious wakeup): still nothing read.
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert_eq!(log.lock().unwrap().reads, 1);
     // The guest posts buffers: every frame arrives, in order, none lost.
     let mut d = Vec::new();
@@ -271,7 +288,11 @@ fn rx_without_buffers_keeps_the_frame_and_stops_reading() {
         d.extend(chain(&[(BUF + u64::from(i) * 0x1000, 2048, WRITE)], i));
     }
     rxm.add_desc_chains(&d, 0).unwrap();
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 3);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        3
+    );
     for i in 0..3u64 {
         assert_eq!(
             r.read(BUF + i * 0x1000 + 12, 100),
@@ -289,7 +310,11 @@ fn rx_mergeable_with_too_few_buffers_waits_without_consuming() {
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
     log.lock().unwrap().incoming.push_back(frame(3000, 1));
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert!(r.used(&rxm).is_empty());
     assert_eq!(
         p.rx_queue().next_avail(),
@@ -301,7 +326,11 @@ fn rx_mergeable_with_too_few_buffers_waits_without_consuming() {
         .unwrap();
     rxm.add_desc_chains(&chain(&[(BUF + 0x2000, 1500, WRITE)], 2), 2)
         .unwrap();
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(r.used(&rxm).len(), 3);
 }
 
@@ -316,7 +345,11 @@ fn rx_frame_too_big_for_a_plain_buffer_is_dropped() {
     let (mut p, log) = pair(&rxm, &txm);
     log.lock().unwrap().incoming.push_back(frame(4000, 1));
     log.lock().unwrap().incoming.push_back(frame(100, 2));
-    assert_eq!(p.process_rx(&r.ctx(false, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_rx(&r.ctx(false, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(r.used(&rxm), vec![(0, 0), (1, 112)]);
     assert_eq!(r.counters.snapshot().rx_dropped, 1);
 }
@@ -336,7 +369,11 @@ fn rx_malformed_chains_are_returned_empty() {
     for i in 0..3 {
         log.lock().unwrap().incoming.push_back(frame(64, i));
     }
-    assert_eq!(p.process_rx(&r.ctx(true, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(r.used(&rxm), vec![(0, 0), (1, 0), (2, 76)]);
     assert_eq!(r.counters.snapshot().rx_dropped, 2);
 }
@@ -349,7 +386,11 @@ fn rx_with_the_link_down_drains_and_drops() {
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
     log.lock().unwrap().incoming.push_back(frame(64, 0));
-    assert_eq!(p.process_rx(&r.ctx(true, false)).unwrap(), 0);
+    assert_eq!(
+        p.process_rx(&r.ctx(true, false), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert!(log.lock().unwrap().incoming.is_empty());
     assert!(r.used(&rxm).is_empty());
     assert_eq!(r.counters.snapshot().rx_dropped, 1);
@@ -367,7 +408,11 @@ fn tx_gathers_descriptors_into_one_frame() {
     txm.add_desc_chains(&chain(&[(BUF, 12, 0), (BUF + 0x1000, 2000, 0)], 0), 0)
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
-    assert_eq!(p.process_tx(&r.ctx(true, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert_eq!(log.lock().unwrap().written, vec![f]);
     assert_eq!(r.used(&txm), vec![(0, 0)]);
     let s = r.counters.snapshot();
@@ -388,12 +433,20 @@ fn tx_waits_for_a_full_tap_without_losing_the_frame() {
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
     log.lock().unwrap().full = true;
-    assert_eq!(p.process_tx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert!(p.tx_blocked());
     assert!(r.used(&txm).is_empty());
     assert_eq!(p.tx_queue().next_avail(), 0);
     log.lock().unwrap().full = false;
-    assert_eq!(p.process_tx(&r.ctx(true, true)).unwrap(), 1);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
     assert!(!p.tx_blocked());
     assert_eq!(log.lock().unwrap().written, vec![f]);
 }
@@ -409,11 +462,19 @@ fn tx_malformed_and_link_down_are_dropped_and_counted() {
     txm.add_desc_chains(&chain(&[(0x4000_0000, 64, 0)], 2), 2)
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
-    assert_eq!(p.process_tx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert_eq!(r.used(&txm).len(), 3);
     assert_eq!(r.counters.snapshot().tx_dropped, 3);
     txm.add_desc_chains(&chain(&[(BUF, 64, 0)], 3), 3).unwrap();
-    assert_eq!(p.process_tx(&r.ctx(true, false)).unwrap(), 0);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, false), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert_eq!(r.counters.snapshot().tx_dropped, 4);
     assert!(log.lock().unwrap().written.is_empty());
 }
@@ -425,7 +486,11 @@ fn tx_oversized_chain_is_refused() {
     txm.add_desc_chains(&chain(&[(BUF, 60_000, 0), (BUF + 60_000, 60_000, 0)], 0), 0)
         .unwrap();
     let (mut p, log) = pair(&rxm, &txm);
-    assert_eq!(p.process_tx(&r.ctx(true, true)).unwrap(), 0);
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        0
+    );
     assert!(log.lock().unwrap().written.is_empty());
     assert_eq!(r.counters.snapshot().tx_dropped, 1);
 }
@@ -633,7 +698,8 @@ fn without_mq_the_control_queue_is_queue_2() {
         VIRTIO_NET_ERR as u8,
         "MQ not acked"
     );
-    assert_eq!(d.net.backend_fds().len(), 1);
+    // One tap, the rate limiter's timer, the limits-changed EventFd.
+    assert_eq!(d.net.backend_fds().len(), 3);
 }
 
 #[test]
@@ -641,7 +707,7 @@ fn reset_gives_the_taps_back_and_activation_works_again() {
     let mut d = DeviceRig::new(2);
     let acked = features(&[VIRTIO_NET_F_MQ, VIRTIO_NET_F_CTRL_VQ]);
     d.activate(acked);
-    assert_eq!(d.net.backend_fds().len(), 2);
+    assert_eq!(d.net.backend_fds().len(), 4);
     d.net.reset();
     assert!(!d.net.is_active());
     assert!(d.net.backend_fds().is_empty());
@@ -716,4 +782,56 @@ fn restore_refuses_another_nic() {
         .unwrap_err()
         .to_string()
         .contains("MAC"));
+}
+
+#[test]
+fn tx_and_rx_wait_for_the_rate_limiter_without_losing_frames() {
+    let r = Rig::new();
+    let (rxm, txm) = r.queues();
+    let one_per_second = BucketConfig {
+        size: 1,
+        one_time_burst: 0,
+        refill_time: std::time::Duration::from_secs(1),
+    };
+    let mut tx_limit = RateLimiter::new(None, Some(one_per_second), std::time::Instant::now());
+    let mut rx_limit = RateLimiter::new(None, Some(one_per_second), std::time::Instant::now());
+    for i in 0..2u16 {
+        let at = BUF + u64::from(i) * 0x1000;
+        r.mem
+            .write_slice(&frame(100, i as u8), GuestAddress(at))
+            .unwrap();
+        txm.add_desc_chains(&chain(&[(at, 112, 0)], i), i).unwrap();
+        rxm.add_desc_chains(
+            &chain(&[(BUF + 0x10_000 + u64::from(i) * 0x1000, 2048, WRITE)], i),
+            i,
+        )
+        .unwrap();
+    }
+    let (mut p, log) = pair(&rxm, &txm);
+    log.lock()
+        .unwrap()
+        .incoming
+        .extend([frame(64, 1), frame(64, 2)]);
+    assert_eq!(p.process_tx(&r.ctx(true, true), &mut tx_limit).unwrap(), 1);
+    assert_eq!(p.process_rx(&r.ctx(true, true), &mut rx_limit).unwrap(), 1);
+    let wait = p.throttled_for().expect("throttled");
+    assert!(wait > std::time::Duration::from_millis(900), "{wait:?}");
+    // The second chain is back on the ring, the second frame held: nothing lost.
+    assert_eq!(p.tx_queue().next_avail(), 1);
+    assert_eq!(r.used(&txm).len(), 1);
+    assert!(p.has_pending());
+    // Unlimited again: both go.
+    assert_eq!(
+        p.process_tx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        p.process_rx(&r.ctx(true, true), &mut RateLimiter::default())
+            .unwrap(),
+        1
+    );
+    assert_eq!(p.throttled_for(), None);
+    assert_eq!(log.lock().unwrap().written.len(), 2);
+    assert_eq!(r.counters.snapshot().rx_packets, 2);
 }
