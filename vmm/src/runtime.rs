@@ -168,6 +168,7 @@ pub fn run_incarnation(
 /// A NIC as the control plane reports it.
 fn nic_info(n: &crate::net::NicHandle) -> api::action::NicInfo {
     let c = n.shared.counters.snapshot();
+    let (rx_rate_limiter, tx_rate_limiter) = *lock(&n.limits);
     api::action::NicInfo {
         id: n.id.clone(),
         tap: n.tap.clone(),
@@ -176,8 +177,8 @@ fn nic_info(n: &crate::net::NicHandle) -> api::action::NicInfo {
         vhost: n.vhost,
         queues: n.queues,
         link_up: n.shared.link_up(),
-        rx_rate_limiter: lock(&n.limits).0,
-        tx_rate_limiter: lock(&n.limits).1,
+        rx_rate_limiter,
+        tx_rate_limiter,
         counters: api::action::NicCounters {
             rx_bytes: c.rx_bytes,
             rx_packets: c.rx_packets,
