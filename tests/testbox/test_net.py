@@ -4,7 +4,9 @@ ping both ways; 64 MiB each way over TCP (busybox httpd + wget) with matching ch
 offloads are live (the guest sends and receives GSO frames: the NIC's counters show frames far
 larger than the MTU); the link goes down through QMP (`set_link`, driven by the real qemu.qmp
 library) and comes back through `vmm ctl set-link`, and the guest sees NO-CARRIER in between; two
-NICs on two bridges; the network works again after a guest reboot.
+NICs on two bridges; the network works again after a guest reboot; two queue pairs on a
+multiqueue tap both carry traffic; and a NIC survives a snapshot and a restore into a new VMM
+process, which opens the tap again and runs the script, the guest's addresses intact.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def nic(nid: str, tap: str, **kw) -> dict:
 
 
 def start(vms, nics: list[dict], vcpus: int = 2, flags: list[str] | None = None,
-          on_reboot: str = "exit") -> tb.L2:
-    cfg = tb.default_config(vcpus=vcpus, memory_mib=512, on_reboot=on_reboot)
+          on_reboot: str = "exit", memory_mib: int = 512) -> tb.L2:
+    cfg = tb.default_config(vcpus=vcpus, memory_mib=memory_mib, on_reboot=on_reboot)
     cfg["net"] = nics
     return vms.start(cfg, ["--api-socket", API] + (flags or []))
 
@@ -87,10 +89,19 @@ def md5(text: str) -> str:
     return m.group(1)
 
 
+def tap_stats(box: tb.Box, tap: str) -> dict[str, int]:
+    """The tap's own counters in L1 (its rx is what the guest sent): they see vhost-net's
+    traffic too, which never passes through our process."""
+    out = box.check(f"cd /sys/class/net/{tap}/statistics && for f in rx_bytes rx_packets tx_bytes "
+                    f"tx_packets; do echo $f $(cat $f); done")
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
+
+
+@pytest.mark.parametrize("vhost", [False, True], ids=["userspace", "vhost"])
 @tb.retry_on_flake
-def test_bridge_ping_transfer_offloads_and_link(box, vms, up_regex):
+def test_bridge_ping_transfer_offloads_and_link(box, vms, up_regex, vhost):
     bridges(box)
-    vm = start(vms, [nic("net0", "tapn0", mac="52:54:00:12:34:56")],
+    vm = start(vms, [nic("net0", "tapn0", mac="52:54:00:12:34:56", vhost=vhost)],
                flags=["--qmp", "tcp:0.0.0.0:4444"])
     boot_to_shell(vm, up_regex)
     # The script put the tap on the bridge; the guest sees the MAC we gave.
@@ -108,6 +119,7 @@ def test_bridge_ping_transfer_offloads_and_link(box, vms, up_regex):
                          f"count={DATA_MIB} 2>/dev/null && md5sum /tmp/www/data", timeout=300))
     box.check("(httpd -p 8080 -h /tmp/www &) ; sleep 1")
     before = nics(box)["net0"]["counters"]
+    tap_before = tap_stats(box, "tapn0")
     out = vm.guest_cmd("wget -q -O /tmp/data http://10.0.3.1:8080/data && md5sum /tmp/data",
                        timeout=600)
     assert md5(out) == want, out
@@ -118,13 +130,30 @@ def test_bridge_ping_transfer_offloads_and_link(box, vms, up_regex):
                     "rm -f /tmp/back", timeout=600)
     assert md5(out) == want, out
     after = nics(box)["net0"]["counters"]
+    tap_after = tap_stats(box, "tapn0")
 
-    # Offloads: 64 MiB went each way in frames far larger than the 1514-byte wire frames.
+    # Offloads: 64 MiB went each way through the tap in frames far larger than the 1514-byte
+    # wire frames (the tap counts what vhost-net moves as well as what we move).
     for way in ("rx", "tx"):
-        nbytes = after[f"{way}_bytes"] - before[f"{way}_bytes"]
-        frames = after[f"{way}_packets"] - before[f"{way}_packets"]
-        assert nbytes >= DATA_MIB << 20, (way, before, after)
-        assert nbytes / frames > 3000, f"{way}: {frames} frames for {nbytes} bytes: no GSO"
+        nbytes = tap_after[f"{way}_bytes"] - tap_before[f"{way}_bytes"]
+        frames = tap_after[f"{way}_packets"] - tap_before[f"{way}_packets"]
+        assert nbytes >= DATA_MIB << 20, (way, tap_before, tap_after)
+        assert nbytes / frames > 3000, f"tap {way}: {frames} frames for {nbytes} bytes: no GSO"
+    if vhost:
+        # Not one frame passed through our process.
+        moved = {k: after[k] - before[k] for k in ("rx_packets", "tx_packets")}
+        assert moved == {"rx_packets": 0, "tx_packets": 0}, moved
+        assert nics(box)["net0"]["vhost"] is True
+        # Snapshots with vhost-net are refused with a reason, and the VM runs on.
+        status, out = box.run(f"vmm ctl --api-socket {API} snapshot /tmp/vhost.state", timeout=120)
+        assert status != 0 and "vhost" in out, out
+        assert ping_ok(guest_ping(vm, "10.0.3.1"))
+    else:
+        for way in ("rx", "tx"):
+            nbytes = after[f"{way}_bytes"] - before[f"{way}_bytes"]
+            frames = after[f"{way}_packets"] - before[f"{way}_packets"]
+            assert nbytes >= DATA_MIB << 20, (way, before, after)
+            assert nbytes / frames > 3000, f"{way}: {frames} frames for {nbytes} bytes: no GSO"
     assert after["rx_errors"] == 0 and after["tx_errors"] == 0, after
 
     # Link down through QMP (qemu.qmp), up again through vmm ctl.
@@ -189,5 +218,131 @@ def test_two_nics_and_a_reboot(box, vms, up_regex):
             assert now == macs
     # Both taps stayed on their bridges across the reboot (opened once per VMM).
     assert "tapr0" in box.check("ls /sys/class/net/br0/brif") and "taprb1" in box.check("ls /sys/class/net/br1/brif")
+    vm.send("poweroff")
+    assert vm.wait_exit(60) == 0
+
+
+def queue_interrupts(vm: tb.L2) -> dict[str, int]:
+    """Interrupts per virtio-net queue vector in the guest (virtioN-input.Q / -output.Q), summed
+    over the CPUs."""
+    out = vm.guest_cmd("grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts")
+    counts = {}
+    for line in out.splitlines():
+        m = re.search(r"virtio\d+-((input|output)\.\d+)", line)
+        if m:
+            fields = line.split()
+            counts[m.group(1)] = sum(int(f) for f in fields[1:] if f.isdigit())
+    return counts
+
+
+@pytest.mark.parametrize("vhost", [False, True], ids=["userspace", "vhost"])
+@tb.retry_on_flake
+def test_two_queue_pairs_both_carry_traffic(box, vms, up_regex, vhost):
+    bridges(box)
+    vm = start(vms, [nic("mq", "tapq0", queues=2, vhost=vhost)], vcpus=2)
+    boot_to_shell(vm, up_regex)
+    guest_ip(vm, "eth0", "10.0.3.2")
+    wait_carrier(vm, "eth0", "1")
+    assert ping_ok(guest_ping(vm, "10.0.3.1"))
+    # The guest's driver asked for both pairs (VQ_PAIRS_SET): the tap has two queues attached.
+    assert box.check("ls /sys/class/net/tapq0/queues | sort | tr '\\n' ' '").split() == \
+        ["rx-0", "rx-1", "tx-0", "tx-1"]
+    before = queue_interrupts(vm)
+    assert set(before) >= {"input.0", "input.1", "output.0", "output.1"}, before
+    box.check("mkdir -p /tmp/wwwq && dd if=/dev/urandom of=/tmp/wwwq/d bs=1M count=4 2>/dev/null && "
+              "(httpd -p 8081 -h /tmp/wwwq &); sleep 1", timeout=120)
+    # Many flows, from both guest CPUs: the tap spreads them by flow hash, and each CPU sends
+    # on its own queue.
+    out = vm.guest_cmd("for i in 1 2 3 4 5 6 7 8; do (taskset -c $((i % 2)) wget -q -O /dev/null "
+                       "http://10.0.3.1:8081/d || echo WGET-FAIL) & done; wait; echo FLOWS-DONE",
+                       timeout=600)
+    assert "FLOWS-DONE" in out and "WGET-FAIL" not in out, out
+    after = queue_interrupts(vm)
+    moved = {q: after[q] - before.get(q, 0) for q in after}
+    assert moved["input.0"] > 0 and moved["input.1"] > 0, moved
+    box.run("killall httpd; rm -rf /tmp/wwwq")
+    vm.send("poweroff")
+    assert vm.wait_exit(60) == 0
+
+
+@tb.retry_on_flake
+def test_network_survives_snapshot_and_restore(box, vms, up_regex):
+    bridges(box)
+    state = "/tmp/net-snap.state"
+    box.check(f"rm -f {state}")
+    vm = start(vms, [nic("net0", "taps0")], memory_mib=256)
+    boot_to_shell(vm, up_regex)
+    guest_ip(vm, "eth0", "10.0.3.2")
+    wait_carrier(vm, "eth0", "1")
+    assert ping_ok(guest_ping(vm, "10.0.3.1"))
+    mac = vm.guest_cmd("cat /sys/class/net/eth0/address").strip()
+    status, out = box.run(f"vmm ctl --api-socket {API} snapshot {state}", timeout=600)
+    assert status == 0, out
+    status, out = box.run(f"vmm ctl --api-socket {API} shutdown", timeout=60)
+    assert status == 0, out
+    assert vm.wait_exit(60) == 0
+    assert box.run("[ -e /sys/class/net/taps0 ]")[0] != 0, "the source's tap outlived it"
+
+    # A new process: the tap is made again, the script puts it on the bridge, and the guest
+    # goes on with its address (and announces itself: GUEST_ANNOUNCE).
+    r = vms.start(argv=["vmm", "--incoming", f"file:{state}", "--api-socket", API])
+    end = time.monotonic() + 300
+    while box.run("ls /sys/class/net/br0/brif 2>/dev/null | grep -q taps0")[0] != 0:
+        assert r.exited() is None, r.stderr()
+        assert time.monotonic() < end, "the restored VMM did not bring its tap up"
+        time.sleep(1)
+    r.wait_shell(300)
+    assert r.guest_cmd("cat /sys/class/net/eth0/address").strip() == mac
+    assert "10.0.3.2" in r.guest_cmd("ip addr show eth0")
+    assert ping_ok(l1_ping(box, "10.0.3.2"))
+    assert ping_ok(guest_ping(r, "10.0.3.1"))
+    r.send("poweroff")
+    assert r.wait_exit(60) == 0
+    box.run(f"rm -f {state}")
+
+
+def l1_seconds(box: tb.Box) -> float:
+    return float(box.check("cut -d' ' -f1 /proc/uptime").strip())
+
+
+def timed_pull(box: tb.Box, url: str) -> float:
+    """Seconds L1 takes to fetch `url` (from the guest's httpd), measured inside L1."""
+    out = box.check(f"a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null {url} && "
+                    f"b=$(cut -d' ' -f1 /proc/uptime); echo PULL $a $b", timeout=600)
+    m = re.search(r"PULL ([\d.]+) ([\d.]+)", out)
+    assert m, out
+    return float(m.group(2)) - float(m.group(1))
+
+
+@tb.retry_on_flake
+def test_rate_limiter_holds_the_rate_and_changes_at_run_time(box, vms, up_regex):
+    """tx at 10 MB/s from the config (a 1 s bucket, so the first 10 MB go at once): a 40 MB
+    pull from the guest takes (40 - 10) / 10 = 3 s, within 20%; then the limit is lifted at run
+    time through the API and the same pull is faster than the limit allowed."""
+    rate = 10_000_000
+    size_mb = 40
+    bridges(box)
+    limit = {"bandwidth": {"size": rate, "refill_time": 1000}}
+    vm = start(vms, [nic("rl", "tapl0", tx_rate_limiter=limit)], memory_mib=512)
+    boot_to_shell(vm, up_regex)
+    guest_ip(vm, "eth0", "10.0.3.2")
+    wait_carrier(vm, "eth0", "1")
+    out = vm.guest_cmd(f"mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/z bs=1M count={size_mb} "
+                       f"2>/dev/null && (httpd -p 8080 -h /tmp/www &) ; sleep 1; echo SERVING")
+    assert "SERVING" in out
+    assert nics(box)["rl"]["tx_rate_limiter"] == {"bandwidth": {"size": rate, "one_time_burst": 0,
+                                                                "refill_time": 1000}, "ops": None}
+    limited = timed_pull(box, "http://10.0.3.2:8080/z")
+    expect = (size_mb * 1_000_000 * 1.048576 - rate) / rate   # MiB of data, 10 MB bucket at once
+    tb.log(f"rate limiter: {size_mb} MiB at {rate / 1e6:.0f} MB/s took {limited:.2f}s "
+           f"(expected {expect:.2f}s)")
+    assert abs(limited - expect) <= 0.2 * expect, (limited, expect)
+
+    status, out = box.run(f"vmm ctl --api-socket {API} rate-limit rl --tx-bps 0")
+    assert status == 0, out
+    assert nics(box)["rl"]["tx_rate_limiter"] == {"bandwidth": None, "ops": None}
+    free = timed_pull(box, "http://10.0.3.2:8080/z")
+    tb.log(f"rate limiter lifted: the same pull took {free:.2f}s")
+    assert free < 0.7 * limited, (free, limited)
     vm.send("poweroff")
     assert vm.wait_exit(60) == 0

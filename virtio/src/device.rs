@@ -164,6 +164,11 @@ pub trait VirtioDevice: Send {
     fn backend_events(&self) -> EventSet {
         EventSet::IN
     }
+    /// Queues the device hands to someone else (vhost-net reads their notification EventFds):
+    /// the transport must not watch them. None by default.
+    fn offloaded_queues(&self) -> Vec<u16> {
+        Vec::new()
+    }
     /// One of [`VirtioDevice::backend_fds`] (by position) is ready.
     fn process_backend(&mut self, _index: usize, _events: EventSet) {}
     /// The queues an active device runs, as `(index, state)`: the transport's own copy of a

@@ -27,14 +27,13 @@ pub enum NetSetupError {
         /// Why.
         source: TapError,
     },
-    /// vhost-net was asked for.
-    #[error(
-        "net.vhost: NIC `{id}`: vhost-net is not available in this build (the data path runs in \
-         the VMM); remove vhost"
-    )]
+    /// vhost-net was asked for and cannot be had.
+    #[error("net.vhost: NIC `{id}`: {reason}")]
     Vhost {
         /// NIC id.
         id: String,
+        /// Why.
+        reason: String,
     },
     /// The script failed or could not run.
     #[error("net.{which}: NIC `{id}`: `{} {tap}` {reason}", script.display())]
@@ -195,6 +194,7 @@ impl NetBackends {
                 NetOptions {
                     mac: n.handle.mac,
                     mtu: n.mtu,
+                    vhost: n.handle.vhost,
                 },
                 n.handle.shared.clone(),
             )
@@ -207,7 +207,31 @@ impl NetBackends {
 
 fn open_one(id: &str, n: &NetConfig) -> Result<Nic, NetSetupError> {
     if n.vhost {
-        return Err(NetSetupError::Vhost { id: id.to_string() });
+        let vhost_err = |reason: String| NetSetupError::Vhost {
+            id: id.to_string(),
+            reason,
+        };
+        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            return Err(vhost_err(
+                "rate limiting needs the VMM's own data path; use vhost=off with a rate limiter"
+                    .into(),
+            ));
+        }
+        // Opened (and closed) once here, so a host without vhost-net is an error at start,
+        // never a silent fallback or a failure when the guest's driver comes up.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(virtio::net::vhost::VHOST_NET_PATH)
+            .map_err(|e| {
+                vhost_err(match e.kind() {
+                    std::io::ErrorKind::NotFound => format!(
+                        "this host has no {} (load the vhost_net module, or use vhost=off)",
+                        virtio::net::vhost::VHOST_NET_PATH
+                    ),
+                    _ => format!("cannot open {}: {e}", virtio::net::vhost::VHOST_NET_PATH),
+                })
+            })?;
     }
     let mac = n
         .mac

@@ -19,6 +19,7 @@
 pub mod ctrl;
 pub mod persist;
 pub mod queue;
+pub mod vhost;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -39,6 +40,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 pub use ctrl::CtrlCommand;
 pub use persist::NetState;
 pub use queue::{FrameBackend, PairContext, QueueError, QueuePair, TapQueue, MAX_FRAME};
+use vhost::VhostPair;
 
 use crate::device::{
     feature, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
@@ -241,6 +243,8 @@ impl NetShared {
         let changed = self.link_up.swap(up, Ordering::SeqCst) != up;
         if changed {
             self.config_changed();
+            // vhost-net attaches or detaches the tap.
+            let _ = self.wake.write(1);
         }
         changed
     }
@@ -290,6 +294,8 @@ pub struct NetOptions {
     pub mac: [u8; 6],
     /// The MTU the guest is told (VIRTIO_NET_F_MTU), if any.
     pub mtu: Option<u16>,
+    /// Hand the queue pairs to vhost-net.
+    pub vhost: bool,
 }
 
 /// Errors creating a network device.
@@ -317,10 +323,43 @@ struct Active<T> {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     acked: u64,
-    /// Pair *i* (`None` when the driver did not enable its queues).
+    /// Pair *i* on our data path (`None` when the driver did not enable its queues, or when
+    /// vhost-net runs it).
     pairs: Vec<Option<QueuePair<T>>>,
+    /// Pair *i* on vhost-net (empty without vhost).
+    vhost: Vec<Option<VhostPair<T>>>,
     ctrl: Option<(u16, Queue)>,
     settings: CtrlSettings,
+}
+
+/// What one of the device's backend fds is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Pair *i*'s tap (our data path).
+    Tap(usize),
+    /// Pair *i*'s vhost call EventFd for ring 0 (receive) or 1 (transmit).
+    Call(usize, usize),
+    /// The rate limiter's timer.
+    Timer,
+    /// The limits-or-link-changed EventFd.
+    Wake,
+}
+
+impl<T: TapQueue> Active<T> {
+    /// Every tap queue in use, with its pair index.
+    fn taps(&self) -> Vec<(usize, &T)> {
+        let ours = self
+            .pairs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.backend())));
+        let vhost = self
+            .vhost
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.tap())));
+        ours.chain(vhost).collect()
+    }
 }
 
 /// A virtio-net device over the queues of a tap (`T` is a test double in unit tests).
@@ -508,15 +547,15 @@ impl<T: TapQueue> Net<T> {
     /// Applies the number of active pairs and the receive offloads to the tap queues.
     fn apply_settings(a: &Active<T>) {
         let flags = tap_offload_flags(a.settings.guest_offloads);
+        let taps = a.taps();
         let multi = a.pairs.len() > 1;
-        for (i, p) in a.pairs.iter().enumerate() {
-            let Some(p) = p else { continue };
-            if let Err(e) = p.backend().set_offload(flags) {
+        for (i, tap) in taps {
+            if let Err(e) = tap.set_offload(flags) {
                 log::warn!("virtio-net: {e}");
             }
             if multi {
                 let on = i < usize::from(a.settings.active_pairs);
-                if let Err(e) = p.backend().set_queue_enabled(on) {
+                if let Err(e) = tap.set_queue_enabled(on) {
                     log::warn!("virtio-net: {e}");
                 }
             }
@@ -547,9 +586,41 @@ impl<T: TapQueue> Net<T> {
         }
     }
 
+    /// The backend fds and what each is, in a fixed order.
+    fn slots(&self) -> Vec<(RawFd, Slot)> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, p) in a.pairs.iter().enumerate() {
+            if let Some(p) = p {
+                out.push((p.backend().as_raw_fd(), Slot::Tap(i)));
+            }
+        }
+        for (i, p) in a.vhost.iter().enumerate() {
+            if let Some(p) = p {
+                let [rx, tx] = p.calls();
+                out.push((rx.as_raw_fd(), Slot::Call(i, 0)));
+                out.push((tx.as_raw_fd(), Slot::Call(i, 1)));
+            }
+        }
+        out.push((self.limiters.timer.0.as_raw_fd(), Slot::Timer));
+        out.push((self.shared.wake.as_raw_fd(), Slot::Wake));
+        out
+    }
+
     /// Every running pair, both ways (the rate limiter's timer fired, or its limits changed).
     fn run_all(&mut self) {
         self.take_new_limits();
+        let link_up = self.shared.link_up();
+        if let Some(a) = self.active.as_mut() {
+            for p in a.vhost.iter_mut().flatten() {
+                // Link down: vhost lets go of the tap, as QEMU stops vhost then.
+                if let Err(e) = p.set_attached(link_up) {
+                    log::error!("virtio-net: {e}");
+                }
+            }
+        }
         let n = self.active.as_ref().map_or(0, |a| a.pairs.len());
         let mut wait: Option<Duration> = None;
         for i in 0..n {
@@ -691,9 +762,11 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
         let pairs = if mq { self.taps.len() } else { 1 };
         let ctrl_index = (2 * pairs) as u16;
         let mut queues: Vec<Option<Queue>> = (0..self.queue_sizes.len()).map(|_| None).collect();
+        let mut kicks: Vec<Option<EventFd>> = (0..self.queue_sizes.len()).map(|_| None).collect();
         for q in ctx.queues {
             if let Some(slot) = queues.get_mut(usize::from(q.index)) {
                 *slot = Some(q.queue);
+                kicks[usize::from(q.index)] = Some(q.notify);
             }
         }
         if self.taps.iter().any(Option::is_none) {
@@ -707,19 +780,49 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
             }));
         }
         let mut built = Vec::with_capacity(self.taps.len());
+        let mut vhost = Vec::new();
         for i in 0..self.taps.len() {
             let (rx, tx) = if i < pairs {
                 (queues[2 * i].take(), queues[2 * i + 1].take())
             } else {
                 (None, None)
             };
-            built.push(match (rx, tx) {
-                (Some(rx), Some(tx)) => {
-                    let tap = self.taps[i].take().ok_or(ActivateError::NoBackend)?;
-                    Some(QueuePair::new((2 * i) as u16, rx, tx, tap))
+            let (Some(rx), Some(tx)) = (rx, tx) else {
+                built.push(None);
+                vhost.push(None);
+                continue;
+            };
+            let tap = self.taps[i].take().ok_or(ActivateError::NoBackend)?;
+            if !self.options.vhost {
+                built.push(Some(QueuePair::new((2 * i) as u16, rx, tx, tap)));
+                continue;
+            }
+            built.push(None);
+            let (Some(rxk), Some(txk)) = (kicks[2 * i].take(), kicks[2 * i + 1].take()) else {
+                self.taps[i] = Some(tap);
+                return Err(ActivateError::MissingQueue((2 * i) as u16));
+            };
+            match VhostPair::start(
+                &ctx.mem,
+                acked,
+                (2 * i) as u16,
+                (rx, rxk),
+                (tx, txk),
+                tap,
+                self.shared.link_up(),
+            ) {
+                Ok(p) => vhost.push(Some(p)),
+                Err((e, tap)) => {
+                    // Give every tap back: the device stays inactive and can try again.
+                    self.taps[i] = Some(tap);
+                    for (j, p) in vhost.into_iter().enumerate() {
+                        if let Some(p) = p {
+                            self.taps[j] = Some(p.into_tap());
+                        }
+                    }
+                    return Err(e);
                 }
-                _ => None,
-            });
+            }
         }
         let ctrl = if acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0 {
             queues
@@ -741,6 +844,7 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
             interrupt: ctx.interrupt.clone(),
             acked,
             pairs: built,
+            vhost,
             ctrl,
             settings,
         };
@@ -769,13 +873,21 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
         self.shared.acked.store(0, Ordering::SeqCst);
         self.shared.announce.store(false, Ordering::SeqCst);
         if let Some(a) = self.active.take() {
-            for (i, p) in a.pairs.into_iter().enumerate() {
-                if let Some(p) = p {
-                    let tap = p.into_backend();
-                    // A fresh driver starts with every queue of the tap attached.
-                    let _ = tap.set_queue_enabled(true);
-                    self.taps[i] = Some(tap);
-                }
+            let ours = a
+                .pairs
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.map(|p| (i, p.into_backend())));
+            // Dropping a vhost pair closes its vhost fd: the kernel stops the rings.
+            let vhost = a
+                .vhost
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.map(|p| (i, p.into_tap())));
+            for (i, tap) in ours.chain(vhost) {
+                // A fresh driver starts with every queue of the tap attached.
+                let _ = tap.set_queue_enabled(true);
+                self.taps[i] = Some(tap);
             }
         }
     }
@@ -802,60 +914,66 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
         }
     }
 
-    /// The running pairs' tap fds, then the rate limiter's timer, then the limits-changed
-    /// EventFd.
+    /// The running pairs' tap fds (our data path) or vhost call EventFds, then the rate
+    /// limiter's timer, then the limits-or-link-changed EventFd.
     fn backend_fds(&self) -> Vec<RawFd> {
-        match &self.active {
-            Some(a) => a
-                .pairs
-                .iter()
-                .flatten()
-                .map(|p| p.backend().as_raw_fd())
-                .chain([
-                    self.limiters.timer.0.as_raw_fd(),
-                    self.shared.wake.as_raw_fd(),
-                ])
-                .collect(),
-            None => Vec::new(),
-        }
+        self.slots().into_iter().map(|(fd, _)| fd).collect()
     }
 
     fn backend_events(&self) -> EventSet {
         EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED
     }
 
-    fn process_backend(&mut self, index: usize, events: EventSet) {
-        let running = self
-            .active
-            .as_ref()
-            .map_or(0, |a| a.pairs.iter().flatten().count());
-        if index >= running {
-            // The timer or the limits-changed EventFd.
-            self.limiters.timer.clear();
-            let _ = self.shared.wake.read();
-            self.run_all();
-            return;
-        }
-        // `index` counts the pairs that are running, in order.
-        let pair = match &self.active {
-            Some(a) => a
-                .pairs
+    fn offloaded_queues(&self) -> Vec<u16> {
+        self.active.as_ref().map_or(Vec::new(), |a| {
+            a.vhost
                 .iter()
-                .enumerate()
-                .filter(|(_, p)| p.is_some())
-                .nth(index)
-                .map(|(i, _)| i),
-            None => None,
+                .flatten()
+                .flat_map(|p| [p.rx_index, p.rx_index + 1])
+                .collect()
+        })
+    }
+
+    fn process_backend(&mut self, index: usize, events: EventSet) {
+        let Some((_, slot)) = self.slots().get(index).copied() else {
+            return;
         };
-        let Some(pair) = pair else { return };
-        let rx = events.contains(EventSet::IN);
-        let tx = events.contains(EventSet::OUT)
-            && self
-                .active
-                .as_ref()
-                .and_then(|a| a.pairs[pair].as_ref())
-                .is_some_and(|p| p.tx_blocked());
-        self.run_pair(pair, rx, tx);
+        match slot {
+            Slot::Timer | Slot::Wake => {
+                self.limiters.timer.clear();
+                let _ = self.shared.wake.read();
+                self.run_all();
+            }
+            Slot::Call(pair, ring) => {
+                if let Some(a) = &self.active {
+                    if let Some(Some(p)) = a.vhost.get(pair) {
+                        p.relay(ring, &a.interrupt);
+                    }
+                }
+            }
+            Slot::Tap(pair) => {
+                let rx = events.contains(EventSet::IN);
+                let tx = events.contains(EventSet::OUT)
+                    && self
+                        .active
+                        .as_ref()
+                        .and_then(|a| a.pairs[pair].as_ref())
+                        .is_some_and(|p| p.tx_blocked());
+                self.run_pair(pair, rx, tx);
+            }
+        }
+    }
+
+    /// vhost-net keeps the rings' positions in the kernel, and writes guest memory while the
+    /// vCPUs are stopped: a consistent snapshot needs vhost stopped and its positions read
+    /// back, which this device does not do yet.
+    fn quiesce(&mut self) -> std::io::Result<()> {
+        match &self.active {
+            Some(a) if a.vhost.iter().any(Option::is_some) => Err(std::io::Error::other(
+                "a NIC on vhost-net cannot be snapshotted yet (use vhost=off)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn active_queue_states(&self) -> Vec<(u16, QueueState)> {
@@ -866,6 +984,9 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
         for p in a.pairs.iter().flatten() {
             out.push((p.rx_index, p.rx_queue().state()));
             out.push((p.rx_index + 1, p.tx_queue().state()));
+        }
+        for p in a.vhost.iter().flatten() {
+            out.extend(p.queue_states());
         }
         if let Some((i, q)) = &a.ctrl {
             out.push((*i, q.state()));

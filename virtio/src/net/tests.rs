@@ -518,6 +518,7 @@ impl DeviceRig {
             NetOptions {
                 mac: MAC,
                 mtu: Some(1400),
+                vhost: false,
             },
         )
         .unwrap();

@@ -24,10 +24,12 @@ impl VirtioPciDevice {
         if !self.device.is_active() {
             return Vec::new();
         }
+        let offloaded = self.device.offloaded_queues();
         let queues = self
             .queue_evts
             .iter()
             .enumerate()
+            .filter(move |(i, _)| !offloaded.contains(&(*i as u16)))
             .map(|(i, e)| (e.as_raw_fd(), i as u32, EventSet::IN));
         let set = self.device.backend_events();
         let backends = self

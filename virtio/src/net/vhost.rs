@@ -1,0 +1,185 @@
+//! vhost-net: one receive/transmit queue pair handed to the kernel (`/dev/vhost-net`), which
+//! moves frames between the guest's rings and the tap without our process.
+//!
+//! Per pair: one vhost-net instance (it drives exactly two vrings), given the guest memory table,
+//! the rings' addresses and positions, the queues' notification EventFds as its kicks (the
+//! transport stops watching those, see `VirtioDevice::offloaded_queues`), one EventFd per queue
+//! as its call, and the tap as its backend. The calls are relayed by the device through the
+//! transport's interrupt object, so MSI-X masking and the ISR behave as for our own queues.
+//! Link down detaches the backend (frames stay in the tap, as QEMU stops vhost then). Dropping
+//! the pair closes the vhost fd, which stops the rings; nothing else is left behind.
+
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vhost::net::VhostNet;
+use vhost::vhost_kern::net::Net as VhostNetFd;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::TapQueue;
+use crate::device::{ActivateError, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+
+/// Path of the vhost-net device.
+pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
+
+/// One queue pair run by vhost-net.
+pub struct VhostPair<T> {
+    dev: VhostNetFd<Arc<GuestMemoryMmap>>,
+    /// Index of the receive queue (the transmit queue is the next one).
+    pub rx_index: u16,
+    queues: [Queue; 2],
+    calls: [EventFd; 2],
+    tap: T,
+    attached: bool,
+}
+
+fn io(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
+    move |e| ActivateError::Io(std::io::Error::other(format!("vhost-net: {what}: {e}")))
+}
+
+impl<T: TapQueue> VhostPair<T> {
+    /// Starts vhost-net on `rx` (queue `rx_index`) and `tx` with their kick EventFds, over
+    /// `tap`; the backend is attached only when `link_up`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        mem: &GuestMemoryMmap,
+        acked: u64,
+        rx_index: u16,
+        rx: (Queue, EventFd),
+        tx: (Queue, EventFd),
+        tap: T,
+        link_up: bool,
+    ) -> Result<VhostPair<T>, (ActivateError, T)> {
+        match Self::setup(mem, acked, rx, tx) {
+            Ok((dev, queues, calls)) => {
+                let mut p = VhostPair {
+                    dev,
+                    rx_index,
+                    queues,
+                    calls,
+                    tap,
+                    attached: false,
+                };
+                if let Err(e) = p.set_attached(link_up) {
+                    return Err((e, p.into_tap()));
+                }
+                Ok(p)
+            }
+            Err(e) => Err((e, tap)),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn setup(
+        mem: &GuestMemoryMmap,
+        acked: u64,
+        rx: (Queue, EventFd),
+        tx: (Queue, EventFd),
+    ) -> Result<(VhostNetFd<Arc<GuestMemoryMmap>>, [Queue; 2], [EventFd; 2]), ActivateError> {
+        let dev = VhostNetFd::new(Arc::new(mem.clone())).map_err(io("open /dev/vhost-net"))?;
+        dev.set_owner().map_err(io("set owner"))?;
+        let supported = dev.get_features().map_err(io("get features"))?;
+        // The ring and version bits vhost knows; the offload bits are the tap's business.
+        dev.set_features(acked & supported)
+            .map_err(io("set features"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().raw_value(),
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: -1,
+            })
+            .collect();
+        dev.set_mem_table(&regions)
+            .map_err(io("set memory table"))?;
+        let new_call = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+                ActivateError::Io(std::io::Error::other(format!("vhost-net: eventfd: {e}")))
+            })
+        };
+        let calls = [new_call()?, new_call()?];
+        let (rxq, rxk) = rx;
+        let (txq, txk) = tx;
+        for (i, (q, kick)) in [(&rxq, &rxk), (&txq, &txk)].into_iter().enumerate() {
+            dev.set_vring_num(i, q.size())
+                .map_err(io("set ring size"))?;
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: q.desc_table(),
+                used_ring_addr: q.used_ring(),
+                avail_ring_addr: q.avail_ring(),
+                log_addr: None,
+            };
+            dev.set_vring_addr(i, &cfg)
+                .map_err(io("set ring addresses"))?;
+            dev.set_vring_base(i, q.next_avail())
+                .map_err(io("set ring base"))?;
+            dev.set_vring_call(i, &calls[i])
+                .map_err(io("set call eventfd"))?;
+            dev.set_vring_kick(i, kick)
+                .map_err(io("set kick eventfd"))?;
+        }
+        Ok((dev, [rxq, txq], calls))
+    }
+
+    /// Attaches (link up) or detaches (link down) the tap as both rings' backend.
+    pub fn set_attached(&mut self, attached: bool) -> Result<(), ActivateError> {
+        if attached == self.attached {
+            return Ok(());
+        }
+        // SAFETY: the tap's fd stays open for as long as `self.tap` lives; the File is never
+        // dropped (ManuallyDrop), so the fd is not closed here.
+        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(self.tap.as_raw_fd()) });
+        for i in 0..2 {
+            self.dev
+                .set_backend(i, attached.then_some(&*file))
+                .map_err(io("set backend"))?;
+        }
+        self.attached = attached;
+        Ok(())
+    }
+
+    /// The call EventFds (receive, transmit), for the event loop to relay.
+    pub fn calls(&self) -> [&EventFd; 2] {
+        [&self.calls[0], &self.calls[1]]
+    }
+
+    /// Relays ring `which` (0: receive, 1: transmit)'s call as an interrupt.
+    pub fn relay(&self, which: usize, interrupt: &Arc<dyn VirtioInterrupt>) {
+        if self.calls[which].read().is_ok() {
+            if let Err(e) =
+                interrupt.trigger(VirtioInterruptType::Queue(self.rx_index + which as u16))
+            {
+                log::warn!("virtio-net: vhost interrupt relay failed: {e}");
+            }
+        }
+    }
+
+    /// The rings as configured (vhost keeps the positions; a snapshot is refused while vhost
+    /// runs).
+    pub fn queue_states(&self) -> [(u16, QueueState); 2] {
+        [
+            (self.rx_index, self.queues[0].state()),
+            (self.rx_index + 1, self.queues[1].state()),
+        ]
+    }
+
+    /// The tap.
+    pub fn tap(&self) -> &T {
+        &self.tap
+    }
+
+    /// Stops vhost (closing its fd) and gives the tap back.
+    pub fn into_tap(self) -> T {
+        self.tap
+    }
+}
