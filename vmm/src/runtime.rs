@@ -241,6 +241,15 @@ impl Control {
         self.finish(outcome);
     }
 
+    /// The NIC with this id (QEMU's DeviceNotFound otherwise).
+    fn nic(&self, id: &str) -> Result<&crate::net::NicHandle, ActionError> {
+        self.vm
+            .nics
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| ActionError::DeviceNotFound(id.to_string()))
+    }
+
     /// Executes one control-plane action against this incarnation.
     fn execute(&mut self, action: &VmmAction) -> Result<VmmResponse, ActionError> {
         let state = self.state.get();
@@ -309,22 +318,10 @@ impl Control {
                     .ok_or_else(|| failed("unknown migration action".into()));
             }
             VmmAction::SetLink { id, up } => {
-                let nic = self
-                    .vm
-                    .nics
-                    .iter()
-                    .find(|n| &n.id == id)
-                    .ok_or_else(|| ActionError::DeviceNotFound(id.clone()))?;
-                nic.shared.set_link(*up);
+                self.nic(id)?.shared.set_link(*up);
             }
             VmmAction::SetNetRateLimit { id, rx, tx } => {
-                let nic = self
-                    .vm
-                    .nics
-                    .iter()
-                    .find(|n| &n.id == id)
-                    .ok_or_else(|| ActionError::DeviceNotFound(id.clone()))?;
-                nic.set_rate_limits(*rx, *tx);
+                self.nic(id)?.set_rate_limits(*rx, *tx);
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.

@@ -836,3 +836,44 @@ fn tx_and_rx_wait_for_the_rate_limiter_without_losing_frames() {
     assert_eq!(log.lock().unwrap().written.len(), 2);
     assert_eq!(r.counters.snapshot().rx_packets, 2);
 }
+
+#[test]
+fn new_limits_reach_a_running_device_at_once() {
+    let mut d = DeviceRig::new(1);
+    d.activate(features(&[]));
+    let shared = d.net.shared();
+    let one_per_second = BucketConfig {
+        size: 1,
+        one_time_burst: 0,
+        refill_time: std::time::Duration::from_secs(1),
+    };
+    shared.set_rate_limits(NetRateLimits {
+        rx: DirectionLimit::default(),
+        tx: DirectionLimit {
+            bandwidth: None,
+            ops: Some(one_per_second),
+        },
+    });
+    // The limits-changed EventFd is the last backend fd.
+    let wake = d.net.backend_fds().len() - 1;
+    d.net.process_backend(wake, EventSet::IN);
+    let txm = MockSplitQueue::create(&d.rig.mem, GuestAddress(0x1_0000), 16);
+    for i in 0..2u16 {
+        let at = BUF + u64::from(i) * 0x1000;
+        d.rig
+            .mem
+            .write_slice(&frame(100, i as u8), GuestAddress(at))
+            .unwrap();
+        txm.add_desc_chains(&chain(&[(at, 112, 0)], i), i).unwrap();
+    }
+    d.net.process_queue(1);
+    assert_eq!(
+        d.logs[0].lock().unwrap().written.len(),
+        1,
+        "the limit was not applied"
+    );
+    // Lifted at run time: the held frame goes out on the wakeup, without a guest notification.
+    shared.set_rate_limits(NetRateLimits::default());
+    d.net.process_backend(wake, EventSet::IN);
+    assert_eq!(d.logs[0].lock().unwrap().written.len(), 2);
+}
