@@ -16,7 +16,11 @@ Measured inside L1 for each VMM:
          device state, firmware copies...), and the same with Pss.
 
     python3 tests/testbox/bench_boot.py [--reps 3] [--vmms ours,ours-cold,ours-bz,q35,microvm,ch,fc]
-                                        [--json out.json]
+                                        [--json out.json] [--append "quiet"]
+
+--append adds kernel arguments to every VMM's command line alike: with "quiet" the guest's boot
+messages no longer cross the serial port (two VM exits per byte, the same for every VMM), which shows
+what the VMMs themselves cost.
 
 Our rows: "ours" is the default path with the kernel cache warm (a first, untimed boot fills it: a
 kernel's every boot but the first), "ours-cold" the default path with an empty cache each run (the
@@ -54,6 +58,7 @@ import peers  # noqa: E402
 MEM_MIB = 256
 CPUS = 2
 UP = r"GUEST-USERSPACE-UP"
+CMDLINE = "console=ttyS0"   # every VMM's kernel command line (+ --append)
 
 
 OURS = ("ours", "ours-cold", "ours-bz")
@@ -63,7 +68,7 @@ CACHE = "/tmp/bench-kernel-cache"
 def ours_argv(box: tb.Box, key: str, i: int, attempt: int) -> list[str]:
     """Our vmm for row `key` (OURS): its own kernel cache in L1, warm for "ours", a fresh empty
     one every run for "ours-cold"; --no-decompress for "ours-bz"."""
-    argv = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB), name="bench",
+    argv = box.vmm_argv(tb.default_config(vcpus=CPUS, memory_mib=MEM_MIB, cmdline=CMDLINE), name="bench",
                         flags=["--no-decompress"] if key == "ours-bz" else None)
     if tb.l2_is_qemu():
         return argv
@@ -74,14 +79,14 @@ def ours_argv(box: tb.Box, key: str, i: int, attempt: int) -> list[str]:
 def qemu_q35() -> list[str]:
     return ["qemu-system-x86_64", *tb.L1_QEMU_FW, "-machine", "q35", "-enable-kvm", "-cpu", "host",
             "-m", str(MEM_MIB), "-smp", str(CPUS), "-kernel", tb.L1_KERNEL, "-initrd", tb.L1_INITRD,
-            "-append", "console=ttyS0", "-nographic", "-no-reboot", "-nic", "none"]
+            "-append", CMDLINE, "-nographic", "-no-reboot", "-nic", "none"]
 
 
 def qemu_microvm() -> list[str]:
     return ["qemu-system-x86_64", *tb.L1_QEMU_FW,
             "-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-nodefaults", "-no-user-config",
             "-enable-kvm", "-cpu", "host", "-m", str(MEM_MIB), "-smp", str(CPUS),
-            "-kernel", tb.L1_KERNEL, "-initrd", tb.L1_INITRD, "-append", "console=ttyS0",
+            "-kernel", tb.L1_KERNEL, "-initrd", tb.L1_INITRD, "-append", CMDLINE,
             "-display", "none", "-serial", "stdio", "-no-reboot"]
 
 
@@ -169,7 +174,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--vmms", default="ours,ours-cold,ours-bz,q35,microvm,ch,fc")
     ap.add_argument("--json", help="write the raw results there")
+    ap.add_argument("--append", default="",
+                    help="kernel arguments added to every VMM's command line (e.g. quiet)")
     args = ap.parse_args()
+    global CMDLINE
+    CMDLINE = " ".join(["console=ttyS0", args.append]).strip()
+    fc_cmdline = " ".join([peers.FC_CMDLINE, args.append]).strip()
     keys = [k.strip() for k in args.vmms.split(",") if k.strip()]
     results: dict[str, list[dict]] = {k: [] for k in keys}
     notes: dict[str, str] = {}
@@ -199,9 +209,9 @@ def main() -> int:
             elif k == "microvm":
                 argvs[k] = qemu_microvm()
             elif k == "ch":
-                argvs[k] = peers.ch_argv(MEM_MIB, CPUS)
+                argvs[k] = peers.ch_argv(MEM_MIB, CPUS, cmdline=CMDLINE)
             elif k == "fc":
-                argvs[k] = peers.fc_argv(box, MEM_MIB, CPUS)
+                argvs[k] = peers.fc_argv(box, MEM_MIB, CPUS, cmdline=fc_cmdline)
             else:
                 raise SystemExit(f"unknown VMM {k}")
         # warm L1's page cache: the first run must not pay for reading the kernel from the payload disk
@@ -219,7 +229,7 @@ def main() -> int:
                     if k in OURS:   # (re)writes vm.json in L1: a restarted L1 has lost it
                         argv = ours_argv(box, k, i, attempt)
                     elif k == "fc":   # the same for its config file
-                        argv = peers.fc_argv(box, MEM_MIB, CPUS)
+                        argv = peers.fc_argv(box, MEM_MIB, CPUS, cmdline=fc_cmdline)
                     r = one_run(box, k, argv, i, attempt)
                     if r["ok"] or not r.get("flake"):
                         break
@@ -257,7 +267,7 @@ def main() -> int:
 
     print()
     print(f"Boot benchmark in the test box: guest {MEM_MIB} MiB, {CPUS} vCPUs, same kernel/initramfs "
-          f"({' '.join(kernel)}); medians of {args.reps} runs")
+          f"({' '.join(kernel)}), cmdline \"{CMDLINE}\"; medians of {args.reps} runs")
     hdr = (f"{'VMM':<10} {'runs':>5} {'boot ms (median [min-max])':>28} {'VmRSS MiB':>10} "
            f"{'guest RAM RSS':>14} {'overhead RSS':>13} {'overhead PSS':>13} {'threads':>8}")
     print(hdr)
@@ -277,7 +287,7 @@ def main() -> int:
               f"console on its legacy serial port")
     if fc:
         print(f"fc: {peers.fc_version(fc)}, the same kernel as ELF vmlinux (PVH entry), console on its "
-              f"legacy serial port; cmdline \"{peers.FC_CMDLINE}\" + pci=off (no PCI bus), no RTC, "
+              f"legacy serial port; cmdline \"{fc_cmdline}\" + pci=off (no PCI bus), no RTC, "
               f"no ACPI power-off (stopped by the guest's reboot)")
     for k, n in notes.items():
         if summary.get(k):
