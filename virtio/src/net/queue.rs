@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use devices::rate_limiter::RateLimiter;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{NetCounters, VNET_HDR_LEN};
 use crate::device::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
@@ -29,12 +30,22 @@ pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_535 + 14 + 4;
 /// Offset of `num_buffers` in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
+/// Most descriptors of a transmit chain sent straight from guest memory (Linux uses at most
+/// MAX_SKB_FRAGS + 2); longer chains are gathered into a buffer first.
+const MAX_TX_IOVECS: usize = 64;
+
 /// Where frames come from and go to: a tap, or a test double.
 pub trait FrameBackend: Send {
     /// Reads one frame (virtio-net header first); `WouldBlock` when none is waiting.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame (virtio-net header first); `WouldBlock` when it cannot take it now.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+    /// Writes one frame gathered from `iov` (virtio-net header first), as `writev(2)`.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory readable for its whole length during the call (here:
+    /// guest memory, which the device keeps mapped).
+    unsafe fn write_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
 }
 
 /// A queue of a tap as the device drives it: frames, an fd to watch, and the controls the
@@ -53,6 +64,15 @@ impl FrameBackend for devices::net::Tap {
 
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
         devices::net::Tap::write_frame(self, frame)
+    }
+
+    unsafe fn write_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller vouches for the iovecs; writev only reads through them.
+        let n = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
@@ -105,6 +125,8 @@ pub struct QueuePair<B> {
     tx_wait: Option<Duration>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+    /// The descriptors of the transmit chain at hand.
+    descs: Vec<Descriptor>,
     /// The backend refused a frame (`WouldBlock`): retry on writability.
     tx_blocked: bool,
     /// Popped receive chains of the frame being delivered: (head, bytes written).
@@ -141,6 +163,7 @@ impl<B: FrameBackend> QueuePair<B> {
             tx_wait: None,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
+            descs: Vec::with_capacity(MAX_TX_IOVECS),
             tx_blocked: false,
             used: Vec::new(),
             hdr_segments: Vec::new(),
@@ -188,6 +211,7 @@ impl<B: FrameBackend> QueuePair<B> {
         limiter: &mut RateLimiter,
     ) -> Result<usize, QueueError> {
         let mut delivered = 0;
+        let mut returned = 0;
         self.rx_wait = None;
         let mut budget_errors = 64; // a backend failing at every read must not spin us
                                     // Without EVENT_IDX: no notifications while we have buffers (with it, avail_event stays
@@ -244,6 +268,9 @@ impl<B: FrameBackend> QueuePair<B> {
                 Delivery::Dropped => {
                     self.pending = None;
                     NetCounters::add(&ctx.counters.rx_dropped, 1);
+                    // Its chains went back to the used ring (empty): the guest must hear of
+                    // them too, or it never gets those buffers back.
+                    returned += 1;
                 }
                 Delivery::NoBuffers => {
                     // Ask the guest to notify us when it posts another buffer (avail_event at
@@ -260,7 +287,9 @@ impl<B: FrameBackend> QueuePair<B> {
                 }
             }
         }
-        if self.rx.needs_notification(ctx.mem)? && delivered > 0 {
+        // needs_notification forgets what was added since its last call, so it is asked only
+        // when something was.
+        if delivered + returned > 0 && self.rx.needs_notification(ctx.mem)? {
             ctx.interrupt
                 .trigger(VirtioInterruptType::Queue(self.rx_index))?;
         }
@@ -358,29 +387,58 @@ impl<B: FrameBackend> QueuePair<B> {
             let mut this_pass = 0;
             while let Some(chain) = self.tx.iter(ctx.mem)?.next() {
                 let head = chain.head_index();
-                self.tx_buf.clear();
+                // The frame goes to the tap straight from guest memory (writev) when every
+                // descriptor maps to one host range, and through a buffer otherwise.
+                let mut iov = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_TX_IOVECS];
+                let mut n_iov = 0;
+                let mut direct = true;
+                let mut total = 0usize;
                 let mut ok = true;
-                for desc in chain {
+                self.descs.clear();
+                self.descs.extend(chain);
+                for desc in &self.descs {
                     let n = desc.len() as usize;
-                    if desc.is_write_only() || self.tx_buf.len() + n > MAX_FRAME {
+                    if desc.is_write_only() || total + n > MAX_FRAME {
                         ok = false;
                         break;
                     }
-                    let at = self.tx_buf.len();
-                    self.tx_buf.resize(at + n, 0);
-                    if ctx
-                        .mem
-                        .read_slice(&mut self.tx_buf[at..], desc.addr())
-                        .is_err()
-                    {
-                        ok = false;
-                        break;
+                    total += n;
+                    if !direct {
+                        continue;
+                    }
+                    match ctx.mem.get_slice(desc.addr(), n) {
+                        Ok(slice) if n_iov < MAX_TX_IOVECS => {
+                            iov[n_iov] = libc::iovec {
+                                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                                iov_len: n,
+                            };
+                            n_iov += 1;
+                        }
+                        _ => direct = false,
+                    }
+                }
+                if ok && !direct {
+                    self.tx_buf.clear();
+                    for desc in &self.descs {
+                        let at = self.tx_buf.len();
+                        self.tx_buf.resize(at + desc.len() as usize, 0);
+                        if ctx
+                            .mem
+                            .read_slice(&mut self.tx_buf[at..], desc.addr())
+                            .is_err()
+                        {
+                            ok = false;
+                            break;
+                        }
                     }
                 }
                 this_pass += 1;
-                let valid = ok && self.tx_buf.len() >= VNET_HDR_LEN && ctx.link_up;
+                let valid = ok && total >= VNET_HDR_LEN && ctx.link_up;
                 if valid {
-                    let bytes = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
+                    let bytes = (total - VNET_HDR_LEN) as u64;
                     if let Err(wait) = limiter.consume(bytes, Instant::now()) {
                         // Back on the ring; it goes out when the tokens are there. The guest's
                         // notifications stay off meanwhile.
@@ -392,14 +450,18 @@ impl<B: FrameBackend> QueuePair<B> {
                 if !valid {
                     NetCounters::add(&ctx.counters.tx_dropped, 1);
                 } else {
-                    match self.backend.write_frame(&self.tx_buf) {
+                    let written = if direct {
+                        // SAFETY: each iovec is a guest memory slice `get_slice` checked, and
+                        // guest memory stays mapped while the device runs.
+                        unsafe { self.backend.write_frame_iov(&iov[..n_iov]) }
+                    } else {
+                        self.backend.write_frame(&self.tx_buf)
+                    };
+                    match written {
                         Ok(_) => {
                             sent += 1;
                             NetCounters::add(&ctx.counters.tx_packets, 1);
-                            NetCounters::add(
-                                &ctx.counters.tx_bytes,
-                                (self.tx_buf.len() - VNET_HDR_LEN) as u64,
-                            );
+                            NetCounters::add(&ctx.counters.tx_bytes, (total - VNET_HDR_LEN) as u64);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             // Put the chain back: it goes out when the backend drains.

@@ -75,6 +75,24 @@ impl FrameBackend for FakeTap {
         l.written.push(frame.to_vec());
         Ok(frame.len())
     }
+
+    unsafe fn write_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let frame = Self::gathered(iov);
+        self.write_frame(&frame)
+    }
+}
+
+impl FakeTap {
+    fn gathered(iov: &[libc::iovec]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for v in iov {
+            // SAFETY: the caller of write_frame_iov vouches that each iovec is readable.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        out
+    }
 }
 
 impl AsRawFd for FakeTap {
