@@ -190,12 +190,24 @@ def test_bridge_ping_transfer_offloads_and_link(box, vms, up_regex, vhost):
     box.run("killall httpd; rm -rf /tmp/www")
 
 
+def vmm_fds_and_vhost_threads(box: tb.Box, vm: tb.L2) -> tuple[int, int]:
+    """The VMM's open fds, and the vhost worker threads in L1 (named vhost-TID after the thread
+    that set the owner: one of the VMM's; no other process in L1 uses vhost here)."""
+    pid = box.check(f"cat {vm.dir}/pid").strip()
+    fds = int(box.check(f"ls /proc/{pid}/fd | wc -l").strip())
+    threads = int(box.check("ps | grep -c '[v]host-' || true").strip() or 0)
+    return fds, threads
+
+
+@pytest.mark.parametrize("vhost", [False, True], ids=["userspace", "vhost"])
 @tb.retry_on_flake
-def test_two_nics_and_a_reboot(box, vms, up_regex):
+def test_two_nics_and_a_reboot(box, vms, up_regex, vhost):
     bridges(box)
-    vm = start(vms, [nic("lan", "tapr0"), nic("wan", "taprb1")], on_reboot="restart")
+    vm = start(vms, [nic("lan", "tapr0", vhost=vhost), nic("wan", "taprb1", vhost=vhost)],
+               on_reboot="restart")
     boot_to_shell(vm, up_regex)
     macs = {}
+    resources = []
     for boot in (1, 2):
         guest_ip(vm, "eth0", "10.0.3.2")
         guest_ip(vm, "eth1", "10.0.4.2")
@@ -207,6 +219,7 @@ def test_two_nics_and_a_reboot(box, vms, up_regex):
         # Generated MACs: under 52:54:00, distinct, the same after the reboot.
         now = {d: vm.guest_cmd(f"cat /sys/class/net/{d}/address").strip() for d in ("eth0", "eth1")}
         assert all(m.startswith("52:54:00:") for m in now.values()) and len(set(now.values())) == 2, now
+        resources.append(vmm_fds_and_vhost_threads(box, vm))
         if boot == 1:
             macs = now
             listed = nics(box)
@@ -216,6 +229,9 @@ def test_two_nics_and_a_reboot(box, vms, up_regex):
             boot_to_shell(vm, up_regex, count=2)
         else:
             assert now == macs
+    # The reboot left nothing behind: the same fds, and with vhost as many workers as before.
+    assert resources[0] == resources[1], resources
+    assert (resources[0][1] > 0) == vhost, resources
     # Both taps stayed on their bridges across the reboot (opened once per VMM).
     assert "tapr0" in box.check("ls /sys/class/net/br0/brif") and "taprb1" in box.check("ls /sys/class/net/br1/brif")
     vm.send("poweroff")
