@@ -245,20 +245,28 @@ def one_vm(box: tb.Box, key: str, rep: int, secs: float, core: dict[str, str]) -
 
 def run_vm(box: tb.Box, key: str, rep: int, secs: float, core: dict[str, str]) -> dict:
     """one_vm, once more after a known flake of the nested box (a stalled L2 boot, an L2 triple
-    fault, L1 dying)."""
+    fault, L1 dying or soft-locked)."""
     for attempt in (1, 2):
         try:
             return one_vm(box, key, rep, secs, core)
         except (tb.BoxError, TimeoutError, AssertionError) as e:
-            flake = (isinstance(e, tb.BootStall) or not box.alive()
+            # An L1 whose CPU is soft-locked is alive but answers nothing: a box flake too, and
+            # every later row would fail on it, so it is booted again either way.
+            healthy = box.healthy()
+            flake = (isinstance(e, tb.BootStall) or not healthy
                      or "the guest triple-faulted" in str(e))
-            why = f"L1 died: {box.crash_signature()}" if not box.alive() else str(e).splitlines()[0]
+            if not box.alive():
+                why = f"L1 died: {box.crash_signature()}"
+            elif not healthy:
+                why = f"L1 stopped answering: {str(e).splitlines()[0]}"
+            else:
+                why = str(e).splitlines()[0]
+            if not healthy:
+                box.restart()
             if not flake or attempt == 2:
                 tb.log(f"{key} #{rep}: FAILED: {why}")
                 return {"ok": False, "error": why, "detail": str(e)[-3000:]}
             tb.log(f"{key} #{rep}: nested-box flake ({why}); running it again")
-            if not box.alive():
-                box.restart()
     raise AssertionError("unreachable")
 
 
