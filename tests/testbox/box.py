@@ -25,6 +25,7 @@ tmpfs /tmp it takes O_DIRECT, so L2 VMMs can use it as a raw image with cache=no
 from __future__ import annotations
 
 import base64
+import binascii
 import ctypes
 import functools
 import json
@@ -437,7 +438,11 @@ class Box:
         status, out = self.run(f"tail -c +{offset + 1} {shlex.quote(path)} | base64", timeout)
         if status != 0:
             raise BoxError(f"cannot read {path} in L1: {out}")
-        return base64.b64decode("".join(out.split()))
+        try:
+            return base64.b64decode("".join(out.split()), validate=True)
+        except binascii.Error as e:
+            # L1's kernel printed into the console mid-transfer (a crash on its way, usually)
+            raise BoxError(f"garbled read of {path} from L1 ({e}); console tail:\n{out[-600:]}") from None
 
     def host_port(self, name: str) -> int:
         """Host port forwarded to L1's port GUEST_PORTS[name]."""
@@ -593,6 +598,10 @@ class L2:
             ms = list(rx.finditer(text))
             if len(ms) >= count:
                 return ms[count - 1]
+            if not source and GUEST_PANIC.search(text):
+                # a panicked guest prints nothing more: say so now rather than at the timeout
+                raise GuestPanic(self, f"the L2 guest kernel panicked while waiting for {pattern!r}:"
+                                 f" {GUEST_PANIC.search(text).group(0).strip()}")
             rc = self.exited()
             if rc is not None:
                 # a guest reset during a boot ends the VMM with 0 (on_reboot=exit): see BootStall
@@ -632,7 +641,7 @@ class L2:
             try:
                 self.wait_for(rf"RDY{tag}\r?$", timeout=min(8, max(1, end - time.monotonic())))
                 return
-            except BootStall:
+            except (BootStall, GuestPanic):
                 raise
             except L2Error:
                 now = time.monotonic()
@@ -698,6 +707,19 @@ class BootStall(L2Error):
     really hangs fails on the retry as well."""
 
 
+GUEST_PANIC = re.compile(r"(?:Kernel panic - not syncing|traps: PANIC: double fault)[^\r\n]*")
+
+
+class GuestPanic(L2Error):
+    """The L2 guest's kernel panicked (it will print nothing more). A double fault is the nested
+    box's own (see the README's pitfalls: the same SVM emulation trouble that triple-faults early
+    L2 boots): retry_on_flake runs the scenario again after one; any other panic fails."""
+
+    @property
+    def nested_fault(self) -> bool:
+        return "double fault" in str(self).splitlines()[0]
+
+
 def retry_on_flake(fn):
     """Decorator for scenarios: run once more after a flake of the nested box itself: a BootStall,
     an L2 triple fault, or L1 dying under the test (QEMU/TCG's SVM emulation occasionally crashes L1's kernel on a
@@ -716,6 +738,8 @@ def retry_on_flake(fn):
                 # The same nested-SVM fault makes QEMU as L2 reset the guest ("early L2 reset"
                 # above); our vmm stops with this error instead. A real bug fails the retry too.
                 why = "an L2 vCPU triple-faulted (nested SVM under TCG)"
+            elif isinstance(e, GuestPanic) and e.nested_fault:
+                why = "the L2 guest kernel took a double fault (nested SVM under TCG)"
             elif box is not None and not box.healthy():
                 why = f"L1 died or stopped answering: {box.crash_signature() or box._exit_note()}"
             else:
