@@ -180,6 +180,9 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// The state was taken (or taking it failed): a device that [`VirtioDevice::quiesce`]
+    /// stopped runs again. Called for every device after every quiesce, even a failed one.
+    fn resume(&mut self) {}
     /// The device's own state (not what the transport saves).
     fn save_state(&self) -> VirtioDeviceState;
     /// Applies a state from [`VirtioDevice::save_state`] to this device, freshly built from

@@ -346,6 +346,11 @@ impl Control {
             ..Default::default()
         });
         let result = self.write_snapshot(path, was_running, started);
+        // Devices that stopped for the save (vhost-net's rings) run again, whatever happened;
+        // the vCPUs stay as said above.
+        for (_, dev) in self.vm.registry.virtio() {
+            lock(dev).resume();
+        }
         match result {
             Ok(info) => {
                 self.migration.set(info);

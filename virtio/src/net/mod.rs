@@ -620,6 +620,7 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
                 (tx, txk),
                 tap,
                 self.shared.link_up(),
+                &ctx.interrupt,
             ) {
                 Ok(p) => vhost.push(Some(p)),
                 Err((e, tap)) => {
@@ -775,14 +776,29 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
     }
 
     /// vhost-net keeps the rings' positions in the kernel, and writes guest memory while the
-    /// vCPUs are stopped: a consistent snapshot needs vhost stopped and its positions read
-    /// back, which this device does not do yet.
+    /// vCPUs are stopped: its rings are stopped and their positions read back, until
+    /// [`VirtioDevice::resume`]. (Our own data path runs on the event loop, which takes the
+    /// snapshot: it is still until then.)
     fn quiesce(&mut self) -> std::io::Result<()> {
-        match &self.active {
-            Some(a) if a.vhost.iter().any(Option::is_some) => Err(std::io::Error::other(
-                "a NIC on vhost-net cannot be snapshotted yet (use vhost=off)",
-            )),
-            _ => Ok(()),
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        for p in a.vhost.iter_mut().flatten() {
+            // On error the snapshot is refused, and resume() restarts what did stop.
+            p.stop(&a.mem)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        let link_up = self.shared.link_up();
+        if let Some(a) = self.active.as_mut() {
+            for p in a.vhost.iter_mut().flatten() {
+                if let Err(e) = p.set_attached(link_up) {
+                    log::error!("virtio-net: restarting vhost-net after a snapshot: {e}");
+                }
+            }
         }
     }
 

@@ -308,6 +308,11 @@ impl VirtioPciDevice {
         self.device.quiesce()
     }
 
+    /// See [`VirtioDevice::resume`].
+    pub fn resume(&mut self) {
+        self.device.resume()
+    }
+
     fn reset(&mut self) {
         self.device.reset();
         self.common.reset();
