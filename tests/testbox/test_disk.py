@@ -35,7 +35,10 @@ def disk_config(*disks: dict, **kw) -> dict:
 def test_guest_filesystem_data_reaches_the_image(box, vms, up_regex):
     img = "/tmp/fs.img"
     make_image(box, img, 128)
-    vm = vms.start(disk_config({"id": "data", "path": img}))
+    # One vCPU: with two, this write-heavy workload makes the nested box's SVM emulation give the
+    # L2 guest a double fault (QEMU as L2 too: tests/testbox/README.md, Pitfalls); the data
+    # path under test is the same.
+    vm = vms.start(disk_config({"id": "data", "path": img}, vcpus=1))
     boot_to_shell(vm, up_regex)
     vm.guest_cmd("mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt && echo MOUNTED",
                  timeout=120)
