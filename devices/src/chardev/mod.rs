@@ -6,6 +6,8 @@
 //! None of these ever block a vCPU on a peer: socket output is non-blocking and dropped when the
 //! peer is slow or gone. (Stdout and files are ordinary blocking writes, like any program's.)
 
+mod channel;
+mod listener;
 mod sinks;
 mod terminal;
 mod unix_socket;
@@ -14,6 +16,8 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+pub use channel::ChannelSocket;
+pub use listener::SocketListener;
 pub use sinks::{FileMode, FileSink, LossyWriter, NullSink, StdoutSink};
 pub use terminal::{is_pollable, read_fd, restore_terminal, stdin_is_tty, StdinRaw};
 pub use unix_socket::{ConsoleOutput, UnixSocketConsole, BUSY_MESSAGE};
@@ -75,6 +79,28 @@ pub enum ReadOutcome {
     Closed,
     /// Nothing to read right now.
     WouldBlock,
+}
+
+/// Reads what a non-blocking stream has: [`ReadOutcome::Closed`] on end of file or when the
+/// peer reset the connection; other errors are returned.
+pub fn read_stream(stream: &mut impl io::Read, buf: &mut [u8]) -> io::Result<ReadOutcome> {
+    if buf.is_empty() {
+        return Ok(ReadOutcome::Data(0));
+    }
+    loop {
+        return match stream.read(buf) {
+            Ok(0) => Ok(ReadOutcome::Closed),
+            Ok(n) => Ok(ReadOutcome::Data(n)),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => Ok(ReadOutcome::WouldBlock),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                    Ok(ReadOutcome::Closed)
+                }
+                _ => Err(e),
+            },
+        };
+    }
 }
 
 /// Locks `m`, recovering the data if a previous holder panicked.

@@ -1,10 +1,8 @@
 //! A console served on a unix socket, one client at a time (like QEMU's
 //! `-serial unix:PATH,server,nowait`).
 //!
-//! - The socket file is created with mode 0600 before it starts listening, so no other user can
-//!   connect even briefly. A stale socket left by a dead process is replaced; a regular file (or
-//!   anything that is not a socket) and a socket some live process listens on are errors. The
-//!   file is removed on drop, if it is still ours.
+//! - The socket file is made by [`SocketListener`] (mode 0600, stale sockets replaced, removed on
+//!   drop if still ours).
 //! - A second client while one is connected is accepted, sent [`BUSY_MESSAGE`] and closed.
 //! - Guest output goes to the client through [`ConsoleOutput`] with non-blocking sends: when the
 //!   client is slow (EAGAIN) or gone, output is dropped; a vCPU never waits on a client.
@@ -15,23 +13,16 @@
 //! [`UnixSocketConsole::close_client`] is called, so the event loop can deregister it from epoll
 //! first. All fds are non-blocking and close-on-exec.
 
-use std::ffi::OsStr;
-use std::fs;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::{lock, ChardevError, ReadOutcome};
+use super::{lock, read_stream, ChardevError, ReadOutcome, SocketListener};
 
 /// The line sent to a client that connects while another one is attached.
 pub const BUSY_MESSAGE: &[u8] = b"console busy: another client is connected\n";
-
-/// Listen backlog: connections beyond the first are only accepted to be turned away.
-const BACKLOG: libc::c_int = 4;
 
 /// The connected client, shared between the console (event loop) and its output sinks (vCPUs).
 #[derive(Debug, Default)]
@@ -67,7 +58,7 @@ impl ClientSlot {
 
 /// Sends as much of `buf` as the socket takes right now; returns the bytes sent, or the error
 /// that shows the peer is gone.
-fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub(super) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < buf.len() {
         let rest = &buf[sent..];
@@ -126,137 +117,27 @@ impl Write for ConsoleOutput {
 /// A listening unix socket serving one console client at a time.
 #[derive(Debug)]
 pub struct UnixSocketConsole {
-    path: PathBuf,
-    listener: UnixListener,
-    /// (device, inode) of the socket file we created, to remove only our own file on drop.
-    identity: (u64, u64),
+    listener: SocketListener,
     slot: Arc<Mutex<ClientSlot>>,
 }
 
-fn socket_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> ChardevError + 'a {
-    move |source| ChardevError::Socket {
-        path: path.to_path_buf(),
-        op,
-        source,
-    }
-}
-
-fn last_err(path: &Path, op: &'static str) -> ChardevError {
-    socket_err(path, op)(io::Error::last_os_error())
-}
-
-/// Makes `path` free for a new socket: nothing there, or a stale socket (removed).
-fn clear_stale_socket(path: &Path) -> Result<(), ChardevError> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(socket_err(path, "stat")(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ChardevError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ChardevError::SocketInUse(path.to_path_buf())),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            log::info!("replacing stale console socket {}", path.display());
-            match fs::remove_file(path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(socket_err(path, "remove stale socket")(e)),
-            }
-        }
-        // Someone removed it between our stat and connect: the path is free.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(socket_err(path, "probe existing socket")(e)),
-    }
-}
-
-/// Builds the `sockaddr_un` for `path` and its length.
-fn sockaddr(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t), ChardevError> {
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid (empty) address.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = OsStr::as_bytes(path.as_os_str());
-    // Keep one byte for the terminating NUL.
-    let max = addr.sun_path.len() - 1;
-    if bytes.is_empty() || bytes.len() > max || bytes.contains(&0) {
-        return Err(ChardevError::SocketPathTooLong {
-            path: path.to_path_buf(),
-            max,
-        });
-    }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // `len` is at most size_of::<sockaddr_un>(), far below socklen_t::MAX.
-    Ok((addr, len as libc::socklen_t))
-}
-
 impl UnixSocketConsole {
-    /// Creates the socket at `path` (mode 0600) and starts listening.
+    /// Creates the socket at `path` (mode 0600, see [`SocketListener`]) and starts listening.
     pub fn bind(path: impl AsRef<Path>) -> Result<UnixSocketConsole, ChardevError> {
-        let path = path.as_ref();
-        let (addr, addr_len) = sockaddr(path)?;
-        clear_stale_socket(path)?;
-
-        // SAFETY: plain syscall; the result is checked and immediately owned.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(last_err(path, "socket"));
-        }
-        // SAFETY: `fd` is a fresh socket nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: `addr` is a valid sockaddr_un of which `addr_len` bytes are used.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), addr_len) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EADDRINUSE) {
-                ChardevError::SocketInUse(path.to_path_buf())
-            } else {
-                socket_err(path, "bind")(err)
-            });
-        }
-        // Until listen() nobody can connect, so tightening the mode here leaves no window.
-        let setup = || -> Result<(u64, u64), ChardevError> {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                .map_err(socket_err(path, "chmod"))?;
-            let meta = fs::symlink_metadata(path).map_err(socket_err(path, "stat"))?;
-            // SAFETY: `fd` is a bound socket.
-            if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
-                return Err(last_err(path, "listen"));
-            }
-            Ok((meta.dev(), meta.ino()))
-        };
-        let identity = match setup() {
-            Ok(identity) => identity,
-            Err(e) => {
-                let _ = fs::remove_file(path);
-                return Err(e);
-            }
-        };
         Ok(UnixSocketConsole {
-            path: path.to_path_buf(),
-            listener: UnixListener::from(fd),
-            identity,
+            listener: SocketListener::bind(path)?,
             slot: Arc::default(),
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.listener.path()
     }
 
     /// The listening fd, to watch for readability (a pending connection).
     pub fn listener_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
+        self.listener.fd()
     }
 
     /// The current client's fd, connected or hung up but not yet closed.
@@ -276,28 +157,18 @@ impl UnixSocketConsole {
         let mut attached = None;
         loop {
             let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock => break,
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
-                    _ if attached.is_some() => break,
-                    _ => return Err(e),
-                },
+                Ok(Some(stream)) => stream,
+                Ok(None) => break,
+                Err(_) if attached.is_some() => break,
+                Err(e) => return Err(e),
             };
             let mut slot = lock(&self.slot);
             if slot.is_live() {
                 log::info!(
                     "console {}: turning away a second client",
-                    self.path.display()
+                    self.path().display()
                 );
                 let _ = send_nonblocking(stream.as_raw_fd(), BUSY_MESSAGE);
-                continue;
-            }
-            if let Err(e) = stream.set_nonblocking(true) {
-                log::warn!(
-                    "console {}: cannot use new client: {e}",
-                    self.path.display()
-                );
                 continue;
             }
             attached = Some(stream.as_raw_fd());
@@ -314,27 +185,11 @@ impl UnixSocketConsole {
         let Some(stream) = slot.stream.as_mut() else {
             return Ok(ReadOutcome::Closed);
         };
-        if buf.is_empty() {
-            return Ok(ReadOutcome::Data(0));
+        let r = read_stream(stream, buf);
+        if matches!(r, Ok(ReadOutcome::Closed)) {
+            slot.connected = false;
         }
-        loop {
-            return match stream.read(buf) {
-                Ok(0) => {
-                    slot.connected = false;
-                    Ok(ReadOutcome::Closed)
-                }
-                Ok(n) => Ok(ReadOutcome::Data(n)),
-                Err(e) => match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => Ok(ReadOutcome::WouldBlock),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
-                        slot.connected = false;
-                        Ok(ReadOutcome::Closed)
-                    }
-                    _ => Err(e),
-                },
-            };
-        }
+        r
     }
 
     /// Closes the client fd (after the caller stopped polling it).
@@ -352,19 +207,12 @@ impl UnixSocketConsole {
     }
 }
 
-impl Drop for UnixSocketConsole {
-    fn drop(&mut self) {
-        // Only remove the file if it is still the socket we created.
-        if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.identity {
-                let _ = fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::net::UnixListener;
     use std::time::{Duration, Instant};
 
     use vmm_sys_util::tempdir::TempDir;
