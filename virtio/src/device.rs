@@ -121,6 +121,8 @@ pub enum VirtioDeviceState {
     Block(crate::block::BlockState),
     /// virtio-net.
     Net(crate::net::NetState),
+    /// virtio-console.
+    Console(crate::console::ConsoleState),
 }
 
 impl VirtioDeviceState {
@@ -129,6 +131,7 @@ impl VirtioDeviceState {
         match self {
             VirtioDeviceState::Block(_) => "block",
             VirtioDeviceState::Net(_) => "net",
+            VirtioDeviceState::Console(_) => "console",
         }
     }
 }
@@ -168,6 +171,11 @@ pub trait VirtioDevice: Send {
     /// the transport must not watch them. None by default.
     fn offloaded_queues(&self) -> Vec<u16> {
         Vec::new()
+    }
+    /// Whether [`VirtioDevice::backend_fds`] changed since the last call (a peer came or
+    /// went): the transport then watches the new set. Asked after every event.
+    fn backend_fds_changed(&mut self) -> bool {
+        false
     }
     /// One of [`VirtioDevice::backend_fds`] (by position) is ready.
     fn process_backend(&mut self, _index: usize, _events: EventSet) {}

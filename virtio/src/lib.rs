@@ -9,11 +9,14 @@
 //!   snapshot: what every virtio device shares plus the device's own [`VirtioDeviceState`].
 //! - [`block`]: virtio-blk over a `devices::block::DiskImage`.
 //! - [`net`]: virtio-net over a `devices::net::Tap`.
+//! - [`console`]: virtio-console with MULTIPORT: a console port and named channels over
+//!   `devices::chardev` backends.
 //!
 //! Queue logic (e.g. [`block::BlockQueueHandler`]) is kept apart from the event glue so it can be
 //! driven without KVM through `virtio_queue::mock::MockSplitQueue`.
 
 pub mod block;
+pub mod console;
 pub mod device;
 pub mod net;
 pub mod transport;

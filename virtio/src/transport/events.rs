@@ -110,5 +110,8 @@ impl MutEventSubscriber for VirtioPciDevice {
                 }
             }
         }
+        if self.device.backend_fds_changed() {
+            self.sync_events(ops);
+        }
     }
 }
