@@ -110,6 +110,17 @@ pub enum VmmAction {
         /// What the guest sends.
         tx: Option<RateLimiterConfig>,
     },
+    /// Run a command of the QEMU guest agent in the guest and return its answer (REST
+    /// `PUT /vm/agent`, `vmm ctl agent`; what `virsh qemu-agent-command` does); answered with
+    /// [`VmmResponse::Agent`]. Needs the VM's built-in agent channel (`"agent": true`).
+    AgentCommand {
+        /// The agent command (`guest-ping`, `guest-network-get-interfaces`, ...).
+        execute: String,
+        /// Its arguments (an object), if any.
+        arguments: Option<serde_json::Value>,
+        /// Seconds to wait for the answer (10 when absent).
+        timeout: Option<u64>,
+    },
 }
 
 impl VmmAction {
@@ -130,6 +141,7 @@ impl VmmAction {
             VmmAction::GetMigrationCapabilities => "get-migration-capabilities",
             VmmAction::SetLink { .. } => "set-link",
             VmmAction::SetNetRateLimit { .. } => "set-net-rate-limit",
+            VmmAction::AgentCommand { .. } => "agent",
         }
     }
 }
@@ -154,6 +166,16 @@ pub struct VmInfo {
     pub vcpus: Vec<VcpuInfo>,
     /// The network cards (like `virsh domiflist`, with link state and counters).
     pub nics: Vec<NicInfo>,
+    /// The built-in guest agent channel, if the VM has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
+}
+
+/// The built-in guest agent channel as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AgentInfo {
+    /// Whether the guest has its end open (qemu-ga runs on it).
+    pub connected: bool,
 }
 
 /// A network card as clients see it.
@@ -343,6 +365,8 @@ pub enum VmmResponse {
     Migration(Box<MigrationInfo>),
     /// Answer to `GetMigrationCapabilities`: the capabilities this VMM implements.
     MigrationCapabilities(Vec<MigrationCapabilityState>),
+    /// Answer to `AgentCommand`: the agent's `return` value.
+    Agent(serde_json::Value),
 }
 
 /// Why an action was refused or failed.
@@ -388,6 +412,10 @@ impl VmState {
             (Created | Running | Paused | PostMigrate, SetLink { .. } | SetNetRateLimit { .. }) => {
                 Ok(self)
             }
+            // The agent answers while the guest runs; a paused guest's agent cannot (the
+            // command would only time out).
+            (Running, AgentCommand { .. }) => Ok(self),
+            (Created | Paused | PostMigrate | Incoming, AgentCommand { .. }) => Err(refuse()),
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).
@@ -464,6 +492,14 @@ pub enum VmEvent {
     /// A migration (snapshot, restore) changed status. The VMM publishes it only while the
     /// `events` capability is on; the doors forward it as it comes.
     Migration(MigrationStatus),
+    /// The guest opened (`open`) or closed its end of the virtio-console port `id` (QMP
+    /// `VSERPORT_CHANGE`).
+    VserportChange {
+        /// The port's id (a channel's id, or `console0`).
+        id: String,
+        /// Whether the guest has it open now.
+        open: bool,
+    },
 }
 
 #[cfg(test)]

@@ -13,11 +13,11 @@ pub mod qmp;
 pub mod server;
 
 pub use action::{
-    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus,
-    RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction,
-    VmmResponse,
+    ActionError, AgentInfo, MigrationCapability, MigrationCapabilityState, MigrationInfo,
+    MigrationStatus, RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState,
+    VmmAction, VmmResponse,
 };
 pub use config::{
-    BootConfig, CacheMode, ConfigError, DiskConfig, DiskFormat, MachineConfig, NetConfig, OnReboot,
-    QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB,
+    BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat, MachineConfig,
+    NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB,
 };

@@ -13,8 +13,9 @@
 #
 # Guest behaviour: /init mounts proc/sys/devtmpfs, prints "GUEST-USERSPACE-UP <uptime>" (the first
 # userspace line; boot benchmarks key on it), loads the modules in dependency order, then execs
-# busybox init: /etc/init.d/rcS prints the /etc/issue banner and starts qemu-ga when a virtio port
-# org.qemu.guest_agent.0 exists; acpid runs in the foreground (power button -> poweroff); a root shell
+# busybox init: /etc/init.d/rcS prints the /etc/issue banner, links the named virtio ports under
+# /dev/virtio-ports/ (as udev does) and starts qemu-ga on org.qemu.guest_agent.0 when it exists
+# (/sbin/shutdown maps its guest-shutdown to busybox poweroff/halt/reboot); acpid runs in the foreground (power button -> poweroff); a root shell
 # runs on the console (cttyhack: the real tty, with job control). Typed `poweroff` / `reboot` go
 # through busybox init and the kernel as on any distro (ACPI S5 / reset).
 #
@@ -108,13 +109,39 @@ cat > "$R/etc/init.d/rcS" <<'EOF'
 #!/bin/sh
 hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
-# the QEMU guest agent, on its virtio-serial port when the VMM offers one
+# named virtio-console ports as udev names them: /dev/virtio-ports/NAME -> /dev/vportNpM. The
+# driver learns its ports from the device after probing (control messages, handled by a
+# workqueue): when a virtio console is there, wait (up to 5 s) until its ports stop changing.
+if ls -d /sys/bus/virtio/drivers/virtio_console/virtio* >/dev/null 2>&1; then
+  last=x; i=0
+  while [ $i -lt 25 ]; do
+    now=$(cat /sys/class/virtio-ports/*/name 2>/dev/null | tr '\n' ' ')
+    now="$(ls /sys/class/virtio-ports 2>/dev/null | tr '\n' ' ')|$now"
+    [ "$now" = "$last" ] && [ "$now" != "|" ] && break
+    last=$now; i=$((i+1)); sleep 0.2
+  done
+fi
+mkdir -p /dev/virtio-ports
 for n in /sys/class/virtio-ports/*/name; do
-  [ -f "$n" ] && [ "$(cat "$n")" = org.qemu.guest_agent.0 ] || continue
-  p=/dev/$(basename "$(dirname "$n")")
-  qemu-ga -m virtio-serial -p "$p" -d -l /var/log/qemu-ga.log && echo "GUEST-AGENT-UP $p"
+  [ -f "$n" ] && [ -s "$n" ] || continue
+  ln -sf "../$(basename "$(dirname "$n")")" "/dev/virtio-ports/$(cat "$n")"
 done
+# the QEMU guest agent, on its port when the VMM offers one
+p=/dev/virtio-ports/org.qemu.guest_agent.0
+if [ -e "$p" ]; then
+  qemu-ga -m virtio-serial -p "$p" -d -l /var/log/qemu-ga.log && echo "GUEST-AGENT-UP $p"
+fi
 cat /etc/issue
+EOF
+# qemu-ga's guest-shutdown runs `/sbin/shutdown -P|-H|-r +0 MESSAGE`; busybox has the verbs
+rm -f "$R/sbin/shutdown"
+cat > "$R/sbin/shutdown" <<'EOF'
+#!/bin/sh
+case " $* " in
+  *" -r "*) exec reboot ;;
+  *" -H "*) exec halt ;;
+  *) exec poweroff ;;
+esac
 EOF
 cat > "$R/etc/acpi/PWRF/00000080" <<'EOF'
 #!/bin/sh
@@ -135,7 +162,7 @@ EOF
 echo guest > "$R/etc/hostname"
 echo 'root:x:0:0:root:/root:/bin/sh' > "$R/etc/passwd"
 echo 'root:x:0:' > "$R/etc/group"
-chmod +x "$R/init" "$R/etc/init.d/rcS" "$R/etc/acpi/PWRF/00000080"
+chmod +x "$R/init" "$R/etc/init.d/rcS" "$R/etc/acpi/PWRF/00000080" "$R/sbin/shutdown"
 
 cp "$T"/k/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"; mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
 cp "$T"/g/boot/vmlinuz-* "$OUT/vmlinuz-generic.tmp.$$"; mv "$OUT/vmlinuz-generic.tmp.$$" "$OUT/vmlinuz-generic"

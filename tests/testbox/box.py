@@ -56,7 +56,7 @@ L1_QEMU_FW = ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
 L1_RUN = "/run/l2"
 
 # Ports in L1 that the host reaches through QEMU's user network (hostfwd).
-GUEST_PORTS = {"qmp": 4444, "agent": 4445, "api": 4446}
+GUEST_PORTS = {"qmp": 4444, "agent": 4445, "api": 4446, "chan": 4447}
 
 
 class BoxError(Exception):

@@ -24,8 +24,10 @@ import box as tb  # noqa: E402
 
 @pytest.fixture(scope="session")
 def box():
-    # e2fsck and debugfs let disk scenarios check, from L1, what the guest left in its images.
-    b = tb.Box(with_qemu=True, extra_bins=["/usr/sbin/e2fsck", "/usr/sbin/debugfs"])
+    # e2fsck and debugfs let disk scenarios check, from L1, what the guest left in its images;
+    # mke2fs makes them; socat joins a channel's unix socket in L1 to a forwarded TCP port.
+    b = tb.Box(with_qemu=True, extra_bins=["/usr/sbin/e2fsck", "/usr/sbin/debugfs",
+                                           "/usr/sbin/mke2fs", "/usr/bin/socat"])
     b.start()
     yield b
     b.close()

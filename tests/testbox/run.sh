@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../../resources/lib/debian.sh
 . "$ROOT/resources/lib/debian.sh"
-need qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs xz-utils
+need qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs xz-utils socat
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 bash "$ROOT/resources/guest/build.sh"

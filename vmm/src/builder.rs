@@ -28,6 +28,7 @@ use crate::registry::{DeviceRegistry, RegistryError};
 use crate::snapshot::cpu::{restore_vm, CpuStateError};
 use crate::snapshot::memory::{map_private, MemoryError};
 use crate::snapshot::Loaded;
+use crate::vconsole::{AgentHandle, ConsoleBackends, VconsoleError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuShared};
 use crate::vm::{Vm, VmError};
 
@@ -105,6 +106,9 @@ pub enum BuildError {
     /// A NIC's device could not be made.
     #[error(transparent)]
     Net(#[from] NetSetupError),
+    /// The console's device could not be made.
+    #[error(transparent)]
+    Vconsole(#[from] VconsoleError),
 }
 
 impl BuildError {
@@ -119,6 +123,7 @@ impl BuildError {
                 | BuildError::VmState(_)
                 | BuildError::Vcpu(VcpuError::Restore { .. })
                 | BuildError::Net(_)
+                | BuildError::Vconsole(_)
         )
     }
 }
@@ -181,6 +186,8 @@ pub struct RunningVm {
     pub vcpu_evt: Arc<EventFd>,
     /// The NICs, for the control plane.
     pub nics: Vec<NicHandle>,
+    /// The built-in guest agent channel, if any.
+    pub agent: Option<AgentHandle>,
 }
 
 fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
@@ -191,6 +198,16 @@ fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
     })
 }
 
+/// The host ends of the devices, opened once per VMM process and used by every incarnation.
+pub struct HostBackends<'a> {
+    /// The serial console's.
+    pub serial: &'a SerialBackend,
+    /// The NICs' taps.
+    pub nets: &'a NetBackends,
+    /// The virtio console's and channels' (None without any).
+    pub consoles: Option<&'a ConsoleBackends>,
+}
+
 /// Builds and starts one incarnation of the VM `cfg` describes, booting its kernel, or (with
 /// `restore`) putting a saved state back; its vCPUs wait for a resume first when
 /// `start_paused` is set.
@@ -198,8 +215,7 @@ pub fn build_vm(
     hv: &Hypervisor,
     cpuid: &CpuId,
     cfg: &VmConfig,
-    serial: &SerialBackend,
-    nets: &NetBackends,
+    host: &HostBackends<'_>,
     start_paused: bool,
     restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
@@ -214,12 +230,15 @@ pub fn build_vm(
     }
 
     let power = PowerEvents::new()?;
-    let devices = create_platform_devices(&vm, memory_bytes, serial.output(), &power)?;
+    let devices = create_platform_devices(&vm, memory_bytes, host.serial.output(), &power)?;
     let mut registry = DeviceRegistry::new();
     devices.register(&mut registry)?;
-    // PCI slot order: the disks, then the NICs.
+    // PCI slot order: the disks, then the NICs, then the console.
     let mut virtio_devices = open_disks(cfg)?;
-    virtio_devices.extend(nets.devices()?);
+    virtio_devices.extend(host.nets.devices()?);
+    if let Some(c) = host.consoles {
+        virtio_devices.push(c.device()?);
+    }
     let saved = restore.map(|l| &l.state.devices);
     let pci = match virtio_devices.is_empty() {
         true => None,
@@ -305,7 +324,8 @@ pub fn build_vm(
         threads,
         vcpu_events,
         vcpu_evt,
-        nics: nets.handles(),
+        nics: host.nets.handles(),
+        agent: host.consoles.and_then(ConsoleBackends::agent),
     })
 }
 

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use api::{ConfigError, DiskConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig};
+use api::{
+    ChannelConfig, ConfigError, DiskConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig,
+    VmConfig,
+};
 use clap::Parser;
 
 /// A KVM virtual machine monitor for small Linux VMs.
@@ -58,6 +61,21 @@ pub struct Cli {
     /// Serial console: stdio, off, file:PATH or socket:PATH.
     #[arg(long, value_name = "MODE")]
     pub serial: Option<SerialConfig>,
+
+    /// The virtio console (the guest's hvc0): stdio, off, file:PATH or socket:PATH
+    /// ("console": {"mode": ...}). stdio needs the serial port elsewhere (--serial off).
+    #[arg(long, value_name = "MODE")]
+    pub console: Option<SerialConfig>,
+
+    /// Add a named virtio-console port on a unix socket we listen on (repeatable; adds to the
+    /// file's): name=NAME,socket=PATH[,id=ID]. The guest sees /dev/virtio-ports/NAME.
+    #[arg(long, value_name = "SPEC")]
+    pub channel: Vec<ChannelConfig>,
+
+    /// Give the guest the QEMU guest agent's port (org.qemu.guest_agent.0) with the VMM as
+    /// its client ("agent": true): `vmm ctl agent`, REST `PUT /vm/agent`.
+    #[arg(long)]
+    pub agent: bool,
 
     /// What a guest reboot does: exit (the default) or restart.
     #[arg(long, value_name = "ACTION")]
@@ -171,6 +189,8 @@ Config file schema (all fields optional except a kernel somewhere):
    \"boot\": {\"kernel\": \"vmlinuz\", \"initrd\": \"initrd.gz\", \"cmdline\": \"console=ttyS0\",
             \"decompress_kernel\": true},   (false: boot a bzImage without host-side extraction)
    \"serial\": {\"mode\": \"stdio\"},          (or file/socket with \"path\", or off)
+   \"console\": {\"mode\": \"socket\", \"path\": \"/run/hvc0.sock\"},   (virtio console, hvc0)
+   \"channels\": [{\"name\": \"org.qemu.guest_agent.0\", \"socket\": \"/run/qga.sock\"}],
    \"on_reboot\": \"exit\"}                    (or restart)
 
 On a terminal, Ctrl-A x quits. The guest powering off ends vmm with status 0.";
@@ -190,6 +210,14 @@ impl Cli {
                 on_reboot_given,
             });
         };
+        if self.console.is_some() || !self.channel.is_empty() || self.agent {
+            return Err(ConfigError::Invalid {
+                field: "console",
+                reason: "--console, --channel and --agent cannot be given with --incoming: the \
+                         saved VM brings its own console and channels"
+                    .into(),
+            });
+        }
         let file = match &self.config {
             Some(path) => Some(VmConfig::from_file(path)?),
             None => None,
@@ -267,6 +295,11 @@ impl Cli {
         cfg.qmp.extend(self.qmp);
         cfg.disks.extend(self.disk);
         cfg.net.extend(self.net);
+        if let Some(c) = self.console {
+            cfg.console = Some(c);
+        }
+        cfg.channels.extend(self.channel);
+        cfg.agent |= self.agent;
         cfg.assign_macs();
         cfg.validate(host_memory_mib)?;
         Ok(cfg)

@@ -50,7 +50,7 @@ pub enum SerialBackend {
 }
 
 /// The byte that starts a console escape (Ctrl-A).
-const ESCAPE: u8 = 0x01;
+pub(crate) const ESCAPE: u8 = 0x01;
 
 impl SerialBackend {
     /// Opens the backend `cfg` names.
@@ -109,8 +109,7 @@ impl SerialBackend {
             SerialBackend::Stdio(guard) => Some(Box::new(StdinInput {
                 serial,
                 quit,
-                escapes: guard.is_some(),
-                pending_escape: false,
+                escapes: EscapeFilter::new(guard.is_some()),
                 warned_full: false,
             })),
             SerialBackend::Socket(console) => Some(Box::new(SocketInput {
@@ -140,22 +139,35 @@ fn feed(serial: &Mutex<Serial>, bytes: &[u8], warned_full: &mut bool) {
 struct StdinInput {
     serial: Arc<Mutex<Serial>>,
     quit: Arc<EventFd>,
-    /// Whether Ctrl-A escapes are interpreted (only on a terminal).
-    escapes: bool,
-    pending_escape: bool,
+    escapes: EscapeFilter,
     warned_full: bool,
 }
 
-impl StdinInput {
-    /// Applies the Ctrl-A escapes; returns the bytes for the guest and whether to quit.
-    fn filter(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
-        if !self.escapes {
+/// The console's `Ctrl-A` escapes on a terminal: `Ctrl-A x` quits, `Ctrl-A Ctrl-A` is a
+/// literal `Ctrl-A`, anything else after `Ctrl-A` goes through as typed.
+pub(crate) struct EscapeFilter {
+    /// Whether escapes are interpreted (only on a terminal).
+    enabled: bool,
+    pending: bool,
+}
+
+impl EscapeFilter {
+    pub(crate) fn new(enabled: bool) -> EscapeFilter {
+        EscapeFilter {
+            enabled,
+            pending: false,
+        }
+    }
+
+    /// Applies the escapes; returns the bytes for the guest and whether to quit.
+    pub(crate) fn filter(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        if !self.enabled {
             return (input.to_vec(), false);
         }
         let mut out = Vec::with_capacity(input.len());
         for &b in input {
-            if self.pending_escape {
-                self.pending_escape = false;
+            if self.pending {
+                self.pending = false;
                 match b {
                     b'x' | b'X' => return (out, true),
                     ESCAPE => out.push(ESCAPE),
@@ -165,12 +177,18 @@ impl StdinInput {
                     }
                 }
             } else if b == ESCAPE {
-                self.pending_escape = true;
+                self.pending = true;
             } else {
                 out.push(b);
             }
         }
         (out, false)
+    }
+}
+
+impl StdinInput {
+    fn filter(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        self.escapes.filter(input)
     }
 }
 
@@ -286,8 +304,7 @@ mod tests {
         StdinInput {
             serial: Arc::new(Mutex::new(Serial::new(irq, out))),
             quit: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-            escapes,
-            pending_escape: false,
+            escapes: EscapeFilter::new(escapes),
             warned_full: false,
         }
     }

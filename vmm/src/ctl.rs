@@ -3,7 +3,8 @@
 //! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
 //! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE`, `vmm ctl --api-socket PATH
 //! set-link ID on|off` and `vmm ctl --api-socket PATH rate-limit ID [--rx-bps N] [--tx-bps N]
-//! [--rx-pps N] [--tx-pps N]` send one HTTP/1.1 request
+//! [--rx-pps N] [--tx-pps N]`, `vmm ctl --api-socket PATH agent COMMAND [ARGS-JSON]
+//! [--timeout S]` (the guest agent's answer is printed) send one HTTP/1.1 request
 //! (`Connection: close`), read the response with `httparse`, print the JSON of
 //! `info`/`version`/`migration` indented, and turn every failure into one clear line and a
 //! non-zero exit status. FILE is made absolute against the current directory first: the VMM's
@@ -86,6 +87,19 @@ pub enum CtlCommand {
         #[arg(long, value_name = "N")]
         tx_pps: Option<u64>,
     },
+    /// Run a QEMU guest agent command in the guest (like `virsh qemu-agent-command`) and
+    /// print its answer; the VM needs the built-in agent channel (`--agent`).
+    Agent {
+        /// The agent command, e.g. guest-ping, guest-network-get-interfaces, guest-get-fsinfo.
+        #[arg(value_name = "COMMAND")]
+        command: String,
+        /// Its arguments as a JSON object, e.g. '{"path": "/etc/hostname", "mode": "r"}'.
+        #[arg(value_name = "ARGS-JSON")]
+        arguments: Option<String>,
+        /// Seconds to wait for the answer (default 10).
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+    },
     /// Set a network card's link up or down (QMP `set_link`).
     SetLink {
         /// The NIC's id (see `nics`).
@@ -114,6 +128,7 @@ impl CtlCommand {
             CtlCommand::Nics => ("GET", "/vm"),
             CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
             CtlCommand::RateLimit { .. } => ("PUT", "/vm/net-rate-limit"),
+            CtlCommand::Agent { .. } => ("PUT", "/vm/agent"),
         }
     }
 
@@ -130,6 +145,25 @@ impl CtlCommand {
                     });
                 };
                 Ok(Some(serde_json::json!({ "path": text }).to_string()))
+            }
+            CtlCommand::Agent {
+                command,
+                arguments,
+                timeout,
+            } => {
+                let mut body = serde_json::json!({ "execute": command });
+                if let Some(a) = arguments {
+                    let v: serde_json::Value = serde_json::from_str(a)
+                        .map_err(|e| CtlError::BadArgs(format!("ARGS-JSON is not JSON: {e}")))?;
+                    if !v.is_object() {
+                        return Err(CtlError::BadArgs("ARGS-JSON must be a JSON object".into()));
+                    }
+                    body["arguments"] = v;
+                }
+                if let Some(t) = timeout {
+                    body["timeout"] = (*t).into();
+                }
+                Ok(Some(body.to_string()))
             }
             CtlCommand::SetLink { id, state } => Ok(Some(
                 serde_json::json!({ "id": id, "up": state == "on" }).to_string(),
@@ -249,6 +283,17 @@ pub fn request(
     path: &str,
     body: Option<&str>,
 ) -> Result<CtlResponse, CtlError> {
+    request_waiting(socket, method, path, body, TIMEOUT)
+}
+
+/// [`request`] that waits up to `wait` for the answer.
+pub fn request_waiting(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    wait: Duration,
+) -> Result<CtlResponse, CtlError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => CtlError::NoSocket(socket.to_path_buf()),
         std::io::ErrorKind::ConnectionRefused => CtlError::Refused(socket.to_path_buf()),
@@ -257,7 +302,7 @@ pub fn request(
             source: e,
         },
     })?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_read_timeout(Some(wait))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     let body = body.unwrap_or_default();
     let content_type = if body.is_empty() {
@@ -334,7 +379,14 @@ fn parse_response(buf: &[u8]) -> Result<Option<CtlResponse>, CtlError> {
 pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
     let (method, path) = cmd.route();
     let body = cmd.body()?;
-    let resp = request(socket, method, path, body.as_deref())?;
+    // An agent command may take its whole timeout: wait a little longer than that.
+    let wait = match cmd {
+        CtlCommand::Agent { timeout, .. } => TIMEOUT.max(Duration::from_secs(
+            timeout.unwrap_or(10).saturating_add(10),
+        )),
+        _ => TIMEOUT,
+    };
+    let resp = request_waiting(socket, method, path, body.as_deref(), wait)?;
     let json: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
     if !(200..300).contains(&resp.status) {
         let message = json
@@ -350,6 +402,9 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
     }
     Ok(match json {
         Some(v) if *cmd == CtlCommand::Nics => nics_table(&v),
+        Some(v) if matches!(cmd, CtlCommand::Agent { .. }) => {
+            serde_json::to_string_pretty(&v["return"]).unwrap_or_default()
+        }
         Some(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
         None => String::new(),
     })
@@ -459,6 +514,7 @@ mod tests {
                         match req.action {
                             VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
                                 nics: Vec::new(),
+                                agent: None,
                                 state,
                                 config: VmConfig::default(),
                                 vcpus: vec![],
@@ -591,6 +647,7 @@ mod tests {
                 "migration",
                 "nics",
                 "rate-limit",
+                "agent",
                 "set-link"
             ]
         );

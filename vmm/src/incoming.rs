@@ -74,6 +74,7 @@ pub fn wait(
                     config: (*shared.config).clone(),
                     vcpus: Vec::new(),
                     nics: Vec::new(),
+                    agent: None,
                 })))),
                 VmmAction::GetVersion => {
                     (req.reply)(Ok(VmmResponse::Version(VersionInfo::current())))

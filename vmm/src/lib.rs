@@ -5,6 +5,7 @@
 //! (`runtime`: host console input, power and reset requests from devices, vCPU exit reports,
 //! control-plane actions).
 
+pub mod agent;
 pub mod builder;
 pub mod cli;
 pub mod console;
@@ -19,6 +20,7 @@ pub mod pci;
 pub mod registry;
 pub mod runtime;
 pub mod snapshot;
+pub mod vconsole;
 pub mod vcpu;
 pub mod vm;
 
@@ -99,6 +101,9 @@ pub enum VmmError {
     /// A NIC could not be set up.
     #[error(transparent)]
     Net(#[from] net::NetSetupError),
+    /// The virtio console or a channel could not be set up.
+    #[error(transparent)]
+    Vconsole(#[from] vconsole::VconsoleError),
 }
 
 impl VmmError {
@@ -107,7 +112,7 @@ impl VmmError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             VmmError::Build(b) => b.is_bad_input(),
-            VmmError::Snapshot(_) | VmmError::Net(_) => true,
+            VmmError::Snapshot(_) | VmmError::Net(_) | VmmError::Vconsole(_) => true,
             _ => false,
         }
     }
@@ -249,11 +254,19 @@ fn run_vm(
     let cfg = shared.config.clone();
     // The taps live as long as the VMM: every incarnation's NICs use them.
     let nets = net::NetBackends::open(&cfg)?;
+    // The console's and the channels' sockets too: a client stays connected across reboots.
+    let consoles =
+        vconsole::ConsoleBackends::open(&cfg, shared.signal.clone(), shared.bus.clone())?;
     loop {
         // A reset keeps a stopped VM stopped (paused, or paused after a snapshot), as QEMU does.
         let paused = matches!(shared.state.get(), VmState::Paused | VmState::PostMigrate);
         let loaded = restore.take();
-        let running = build_vm(hv, cpuid, &cfg, serial, &nets, paused, loaded.as_deref())?;
+        let host = builder::HostBackends {
+            serial,
+            nets: &nets,
+            consoles: consoles.as_ref(),
+        };
+        let running = build_vm(hv, cpuid, &cfg, &host, paused, loaded.as_deref())?;
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
         // own reference to the file).
         drop(loaded);

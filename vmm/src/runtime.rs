@@ -241,6 +241,48 @@ impl Control {
         self.finish(outcome);
     }
 
+    /// Hands an agent command to the agent's worker thread, which replies when the guest
+    /// answers or the command times out: the event loop never waits on the guest.
+    fn agent_command(&mut self, req: api::controller::ActionRequest) {
+        let VmmAction::AgentCommand {
+            execute,
+            arguments,
+            timeout,
+        } = req.action
+        else {
+            return;
+        };
+        let failed = |reason: String| ActionError::Failed {
+            action: "agent",
+            reason,
+        };
+        if let Err(e) = self.state.get().check(&VmmAction::AgentCommand {
+            execute: String::new(),
+            arguments: None,
+            timeout: None,
+        }) {
+            return (req.reply)(Err(e));
+        }
+        let Some(agent) = &self.vm.agent else {
+            return (req.reply)(Err(failed(
+                "the VM has no guest agent channel (start it with --agent or \"agent\": true)"
+                    .into(),
+            )));
+        };
+        let reply = req.reply;
+        agent.worker.submit(crate::agent::AgentJob {
+            command: execute,
+            arguments,
+            timeout: timeout.map_or(
+                crate::agent::DEFAULT_TIMEOUT,
+                std::time::Duration::from_secs,
+            ),
+            reply: Box::new(move |r| {
+                reply(r.map(VmmResponse::Agent).map_err(|e| failed(e.to_string())))
+            }),
+        });
+    }
+
     /// The NIC with this id (QEMU's DeviceNotFound otherwise).
     fn nic(&self, id: &str) -> Result<&crate::net::NicHandle, ActionError> {
         self.vm
@@ -276,6 +318,9 @@ impl Control {
                     config: (*self.config).clone(),
                     vcpus,
                     nics: self.vm.nics.iter().map(nic_info).collect(),
+                    agent: self.vm.agent.as_ref().map(|a| api::AgentInfo {
+                        connected: a.connected.load(std::sync::atomic::Ordering::SeqCst),
+                    }),
                 })));
             }
             VmmAction::GetVersion => return Ok(VmmResponse::Version(VersionInfo::current())),
@@ -322,6 +367,10 @@ impl Control {
             }
             VmmAction::SetNetRateLimit { id, rx, tx } => {
                 self.nic(id)?.set_rate_limits(*rx, *tx);
+            }
+            // Answered by the agent worker (see `dispatch`), never on this thread.
+            VmmAction::AgentCommand { .. } => {
+                return Err(failed("the agent command was not dispatched".into()))
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.
@@ -469,6 +518,10 @@ impl MutEventSubscriber for Control {
             }
             EV_ACTION => {
                 for req in self.inbox.drain() {
+                    if let VmmAction::AgentCommand { .. } = req.action {
+                        self.agent_command(req);
+                        continue;
+                    }
                     let result = self.execute(&req.action);
                     (req.reply)(result);
                 }

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod console;
 mod disk;
 mod net;
 
+pub use console::{ChannelConfig, AGENT_PORT_NAME, CHANNEL_NAME_MAX, MAX_CHANNELS};
 pub use disk::{CacheMode, DiskConfig, DiskFormat, DISK_SERIAL_MAX};
 pub use net::{parse_mac, NetConfig, RateLimiterConfig, TokenBucketConfig, NET_MAX_QUEUES};
 
@@ -58,6 +60,17 @@ pub struct VmConfig {
     /// virtio-net cards, in PCI slot order after the disks (the first is eth0).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// The virtio console (port 0 of a virtio-console, `hvc0`): the serial port's modes.
+    /// Absent or `off`: no virtio console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<SerialConfig>,
+    /// Named virtio-console ports on unix sockets (in port order from 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<ChannelConfig>,
+    /// The QEMU guest agent's port (`org.qemu.guest_agent.0`), with the VMM as its client
+    /// (REST `PUT /vm/agent`, `vmm ctl agent`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
 }
 
 /// Where a QMP monitor listens: `{"unix": "PATH"}` or `{"tcp": "HOST:PORT"}`.
@@ -447,7 +460,8 @@ impl VmConfig {
             ep.validate()?;
         }
         self.validate_disks(check_boot_files)?;
-        self.validate_nets()
+        self.validate_nets()?;
+        self.validate_console()
     }
 
     /// The id of NIC `i`: its own, or `net<i>`.

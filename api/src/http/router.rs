@@ -35,6 +35,9 @@ pub enum Route {
     SetLink,
     /// `PUT /vm/net-rate-limit` with `{"id": "net0", "tx_rate_limiter": {...}}`.
     NetRateLimit,
+    /// `PUT /vm/agent` with `{"execute": "guest-ping", "arguments": {...}, "timeout": 10}`:
+    /// the guest agent's answer, `{"return": ...}` (200).
+    Agent,
 }
 
 /// Every route: method, path, operation.
@@ -51,10 +54,12 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("GET", "/vm/migration", Route::GetMigration),
     ("PUT", "/vm/set-link", Route::SetLink),
     ("PUT", "/vm/net-rate-limit", Route::NetRateLimit),
+    ("PUT", "/vm/agent", Route::Agent),
 ];
 
 impl Route {
-    /// Whether it changes something (PUT): its body is checked, and success is 204.
+    /// Whether it changes something (PUT): its body is checked, and success is 204 (200 with
+    /// the answer for an agent command).
     fn takes_body(self) -> bool {
         !matches!(self, Route::GetVm | Route::GetVersion | Route::GetMigration)
     }
@@ -76,7 +81,37 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::Restore => path_body(body).map(|path| VmmAction::Restore { path }),
         Route::SetLink => set_link_body(body),
         Route::NetRateLimit => rate_limit_body(body),
+        Route::Agent => agent_body(body),
     }
+}
+
+/// The body of an agent command: QEMU's `{"execute", "arguments"}`, and a timeout in seconds.
+fn agent_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        execute: String,
+        #[serde(default)]
+        arguments: Option<Value>,
+        #[serde(default)]
+        timeout: Option<u64>,
+    }
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))?;
+    if b.execute.is_empty() {
+        return Err(Response::error(400, "`execute` must name an agent command"));
+    }
+    if b.arguments.as_ref().is_some_and(|a| !a.is_object()) {
+        return Err(Response::error(400, "`arguments` must be an object"));
+    }
+    if b.timeout.is_some_and(|t| t == 0 || t > 3600) {
+        return Err(Response::error(400, "`timeout` is seconds, 1 to 3600"));
+    }
+    Ok(VmmAction::AgentCommand {
+        execute: b.execute,
+        arguments: b.arguments,
+        timeout: b.timeout,
+    })
 }
 
 /// The body of net-rate-limit: the NIC's id and the limiters to replace.
@@ -326,6 +361,9 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         }
         Ok(VmmResponse::Migration(info)) if route == Route::GetMigration => {
             Response::ok(serde_json::to_value(&info).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::Agent(v)) if route == Route::Agent => {
+            Response::ok(serde_json::json!({ "return": v }))
         }
         Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),

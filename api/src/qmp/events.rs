@@ -1,6 +1,6 @@
 //! The VM's events as QMP events (qapi/run-state.json): STOP, RESUME, POWERDOWN, and RESET /
 //! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names); MIGRATION with `status`
-//! (qapi/migration.json); stamped with the time the VMM published them.
+//! (qapi/migration.json); VSERPORT_CHANGE with `id` and `open` (qapi/char.json); stamped with the time the VMM published them.
 
 use std::time::UNIX_EPOCH;
 
@@ -15,13 +15,16 @@ fn cause_data(cause: ShutdownCause) -> Value {
 
 /// The QMP event object for `ev` (`data` only for events that have members, as QEMU does).
 pub(crate) fn event_json(ev: &TimedEvent) -> Value {
-    let (name, data) = match ev.event {
+    let (name, data) = match &ev.event {
         VmEvent::Stop => ("STOP", None),
         VmEvent::Resume => ("RESUME", None),
         VmEvent::Powerdown => ("POWERDOWN", None),
-        VmEvent::Reset(c) => ("RESET", Some(cause_data(c))),
-        VmEvent::Shutdown(c) => ("SHUTDOWN", Some(cause_data(c))),
+        VmEvent::Reset(c) => ("RESET", Some(cause_data(*c))),
+        VmEvent::Shutdown(c) => ("SHUTDOWN", Some(cause_data(*c))),
         VmEvent::Migration(status) => ("MIGRATION", Some(json!({ "status": status }))),
+        VmEvent::VserportChange { id, open } => {
+            ("VSERPORT_CHANGE", Some(json!({"id": id, "open": open})))
+        }
     };
     let (seconds, microseconds) = match ev.at.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_micros())),
@@ -72,5 +75,11 @@ mod tests {
             json!({"event": "MIGRATION", "data": {"status": "completed"},
                    "timestamp": {"seconds": 1_258_551_470i64, "microseconds": 802_384}})
         );
+        let v = ev(VmEvent::VserportChange {
+            id: "channel0".into(),
+            open: true,
+        });
+        assert_eq!(v["event"], "VSERPORT_CHANGE");
+        assert_eq!(v["data"], json!({"id": "channel0", "open": true}));
     }
 }

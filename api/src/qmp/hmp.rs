@@ -466,6 +466,7 @@ mod tests {
         VmInfo {
             state,
             nics: Vec::new(),
+            agent: None,
             config: VmConfig::default(),
             vcpus: vec![
                 VcpuInfo {

@@ -159,6 +159,7 @@ impl FakeVmm {
                                     VmmAction::GetVmInfo => VmmResponse::VmInfo(Box::new(VmInfo {
                                         state: *s,
                                         nics: Vec::new(),
+                                        agent: None,
                                         config: VmConfig::default(),
                                         vcpus: vec![
                                             VcpuInfo {

@@ -23,6 +23,7 @@ fn vm(state: VmState) -> Reply {
     Ok(VmmResponse::VmInfo(Box::new(VmInfo {
         state,
         nics: Vec::new(),
+        agent: None,
         config: VmConfig::default(),
         vcpus: vec![
             VcpuInfo {
