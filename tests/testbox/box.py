@@ -598,6 +598,10 @@ class L2:
             ms = list(rx.finditer(text))
             if len(ms) >= count:
                 return ms[count - 1]
+            if not source and len(GUEST_RCU_STALL.findall(text)) >= 2 and "NMI backtrace" not in text:
+                # A vCPU that stopped for good (see GuestStall): nothing more will come.
+                raise GuestStall(self, f"an L2 vCPU stopped (RCU stall reported twice, the NMI"
+                                 f" sent to it unanswered) while waiting for {pattern!r}")
             if not source and GUEST_PANIC.search(text):
                 # a panicked guest prints nothing more: say so now rather than at the timeout
                 raise GuestPanic(self, f"the L2 guest kernel panicked while waiting for {pattern!r}:"
@@ -641,7 +645,7 @@ class L2:
             try:
                 self.wait_for(rf"RDY{tag}\r?$", timeout=min(8, max(1, end - time.monotonic())))
                 return
-            except (BootStall, GuestPanic):
+            except (BootStall, GuestPanic, GuestStall):
                 raise
             except L2Error:
                 now = time.monotonic()
@@ -707,6 +711,17 @@ class BootStall(L2Error):
     really hangs fails on the retry as well."""
 
 
+GUEST_RCU_STALL = re.compile(r"rcu: INFO: rcu_preempt detected stalls on CPUs/tasks")
+
+
+class GuestStall(L2Error):
+    """An L2 vCPU stopped for good in the middle of a run: the guest's RCU reports the stall
+    again and again, and the NMI it sends the stalled CPU for a backtrace is never taken (a
+    guest spinning in a loop of its own, e.g. waiting on a device, would print one). The vCPU is
+    not running at all: the nested box's counterpart of the boot stall (BootStall), seen with
+    and without any virtio device in use; retry_on_flake runs the scenario again in a fresh L1."""
+
+
 GUEST_PANIC = re.compile(r"(?:Kernel panic - not syncing|traps: PANIC: double fault)[^\r\n]*")
 
 
@@ -740,6 +755,8 @@ def retry_on_flake(fn):
                 why = "an L2 vCPU triple-faulted (nested SVM under TCG)"
             elif isinstance(e, GuestPanic) and e.nested_fault:
                 why = "the L2 guest kernel took a double fault (nested SVM under TCG)"
+            elif isinstance(e, GuestStall):
+                why = "an L2 vCPU stopped for good (nested SVM under TCG)"
             elif box is not None and not box.healthy():
                 why = f"L1 died or stopped answering: {box.crash_signature() or box._exit_note()}"
             else:
@@ -747,7 +764,7 @@ def retry_on_flake(fn):
             log(f"{fn.__name__}: {why} -- known nested-TCG flake, retrying once")
             warnings.warn(f"{fn.__name__}: test-box flake ({why}); the scenario was run again")
             # After an L2 double fault L1 has been seen to die soon after: a fresh one.
-            nested = isinstance(e, GuestPanic) and e.nested_fault
+            nested = isinstance(e, GuestStall) or (isinstance(e, GuestPanic) and e.nested_fault)
             if box is not None and (nested or not box.healthy()):
                 box.restart()
             elif vms is not None:

@@ -276,16 +276,21 @@ impl Console {
             return;
         };
         let mut used = false;
+        // A queue whose index says "more" while no chain can be taken (a broken ring) is
+        // looked at once more, never spun on.
+        let mut rechecked = false;
         while let Some(msg) = self.ctrl_out.front() {
             match port::put_chain(q, &a.mem, &msg.encode()) {
                 Ok(true) => {
                     used = true;
+                    rechecked = false;
                     self.ctrl_out.pop_front();
                 }
                 // No buffer: ask to be told when the driver posts one (with EVENT_IDX the driver
                 // notifies only past the index we publish), unless one came meanwhile.
                 Ok(false) => match q.enable_notification(&a.mem) {
-                    Ok(true) => continue,
+                    Ok(true) if !std::mem::replace(&mut rechecked, true) => continue,
+                    Ok(true) => break,
                     Ok(false) => break,
                     Err(e) => {
                         log::warn!("virtio-console: control queue: {e}");
@@ -313,13 +318,18 @@ impl Console {
             let Some(q) = a.queues[usize::from(CTRL_TX)].as_mut() else {
                 return;
             };
+            let mut rechecked = false;
             loop {
                 match port::take_chain(q, &a.mem, MAX_CTRL_IN) {
-                    Ok(Some(b)) => msgs.push(b),
+                    Ok(Some(b)) => {
+                        rechecked = false;
+                        msgs.push(b)
+                    }
                     // Publish how far we got (EVENT_IDX: the driver notifies only past it), and
-                    // go on if more came meanwhile.
+                    // go on if more came meanwhile (once: a broken ring is not spun on).
                     Ok(None) => match q.enable_notification(&a.mem) {
-                        Ok(true) => continue,
+                        Ok(true) if !std::mem::replace(&mut rechecked, true) => continue,
+                        Ok(true) => break,
                         Ok(false) => break,
                         Err(e) => {
                             log::warn!("virtio-console: control queue: {e}");

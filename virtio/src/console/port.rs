@@ -193,6 +193,7 @@ impl PortData {
         mem: &GuestMemoryMmap,
         progress: &mut Progress,
     ) -> Result<(), PortError> {
+        let mut rechecked = false;
         loop {
             while self.out_pos < self.out.len() {
                 match backend.write(&self.out[self.out_pos..]) {
@@ -213,12 +214,14 @@ impl PortData {
             self.out.clear();
             self.out_pos = 0;
             let Some(chain) = tx.pop_descriptor_chain(mem) else {
-                // Publish how far we got (EVENT_IDX), and go on if more came meanwhile.
-                if tx.enable_notification(mem)? {
+                // Publish how far we got (EVENT_IDX), and go on if more came meanwhile (once:
+                // a ring that says "more" with nothing to take is broken, not spun on).
+                if tx.enable_notification(mem)? && !std::mem::replace(&mut rechecked, true) {
                     continue;
                 }
                 return Ok(());
             };
+            rechecked = false;
             let head = chain.head_index();
             for desc in chain {
                 if desc.is_write_only() {
