@@ -64,7 +64,9 @@ def test_poweroff_exits_0(vms, up_regex):
     vm.send("poweroff")
     rc = vm.wait_exit(60)
     took = time.monotonic() - t0
-    assert rc == 0, f"vmm exited with {rc} after guest poweroff"
+    if rc != 0:
+        # With the VMM's stderr: a nested-SVM triple fault is the box's (see retry_on_flake).
+        raise tb.L2Error(vm, f"vmm exited with {rc} after guest poweroff")
     assert took <= POWEROFF_LIMIT, f"vmm took {took:.1f}s to exit after poweroff (limit {POWEROFF_LIMIT}s)"
 
 
