@@ -244,6 +244,9 @@ impl Control {
     /// Hands an agent command to the agent's worker thread, which replies when the guest
     /// answers or the command times out: the event loop never waits on the guest.
     fn agent_command(&mut self, req: api::controller::ActionRequest) {
+        if let Err(e) = self.state.get().check(&req.action) {
+            return (req.reply)(Err(e));
+        }
         let VmmAction::AgentCommand {
             execute,
             arguments,
@@ -256,13 +259,6 @@ impl Control {
             action: "agent",
             reason,
         };
-        if let Err(e) = self.state.get().check(&VmmAction::AgentCommand {
-            execute: String::new(),
-            arguments: None,
-            timeout: None,
-        }) {
-            return (req.reply)(Err(e));
-        }
         let Some(agent) = &self.vm.agent else {
             return (req.reply)(Err(failed(
                 "the VM has no guest agent channel (start it with --agent or \"agent\": true)"

@@ -276,8 +276,6 @@ impl Console {
             return;
         };
         let mut used = false;
-        // A queue whose index says "more" while no chain can be taken (a broken ring) is
-        // looked at once more, never spun on.
         let mut rechecked = false;
         while let Some(msg) = self.ctrl_out.front() {
             match port::put_chain(q, &a.mem, &msg.encode()) {
@@ -286,11 +284,9 @@ impl Console {
                     rechecked = false;
                     self.ctrl_out.pop_front();
                 }
-                // No buffer: ask to be told when the driver posts one (with EVENT_IDX the driver
-                // notifies only past the index we publish), unless one came meanwhile.
-                Ok(false) => match q.enable_notification(&a.mem) {
-                    Ok(true) if !std::mem::replace(&mut rechecked, true) => continue,
-                    Ok(true) => break,
+                // No buffer: ask to be told when the driver posts one.
+                Ok(false) => match port::look_again(q, &a.mem, &mut rechecked) {
+                    Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
                         log::warn!("virtio-console: control queue: {e}");
@@ -325,11 +321,8 @@ impl Console {
                         rechecked = false;
                         msgs.push(b)
                     }
-                    // Publish how far we got (EVENT_IDX: the driver notifies only past it), and
-                    // go on if more came meanwhile (once: a broken ring is not spun on).
-                    Ok(None) => match q.enable_notification(&a.mem) {
-                        Ok(true) if !std::mem::replace(&mut rechecked, true) => continue,
-                        Ok(true) => break,
+                    Ok(None) => match port::look_again(q, &a.mem, &mut rechecked) {
+                        Ok(true) => continue,
                         Ok(false) => break,
                         Err(e) => {
                             log::warn!("virtio-console: control queue: {e}");

@@ -214,9 +214,7 @@ impl PortData {
             self.out.clear();
             self.out_pos = 0;
             let Some(chain) = tx.pop_descriptor_chain(mem) else {
-                // Publish how far we got (EVENT_IDX), and go on if more came meanwhile (once:
-                // a ring that says "more" with nothing to take is broken, not spun on).
-                if tx.enable_notification(mem)? && !std::mem::replace(&mut rechecked, true) {
+                if look_again(tx, mem, &mut rechecked)? {
                     continue;
                 }
                 return Ok(());
@@ -302,6 +300,18 @@ impl PortData {
             self.input.drain(..written);
         }
     }
+}
+
+/// Out of work on `q`: publishes how far the device got (with EVENT_IDX the driver notifies
+/// only past that index) and says whether to look at the ring again, because the driver posted
+/// more meanwhile. Only once since the last chain was taken (`rechecked`): a ring whose index
+/// says "more" with no chain to take is broken, and is not spun on.
+pub fn look_again(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    rechecked: &mut bool,
+) -> Result<bool, PortError> {
+    Ok(q.enable_notification(mem)? && !std::mem::replace(rechecked, true))
 }
 
 /// Whether the driver has posted a buffer we have not taken.
