@@ -13,8 +13,10 @@
 pub mod handler;
 pub mod persist;
 pub mod request;
+pub mod stats;
 
 use std::io;
+use std::sync::Arc;
 
 use devices::block::DiskImage;
 use devices::persist::RestoreError;
@@ -23,6 +25,7 @@ use virtio_queue::QueueState;
 pub use handler::{BlockQueueHandler, HandlerError};
 pub use persist::BlockState;
 pub use request::{BlockLimits, RequestError, RequestExecutor, SECTOR_SIZE};
+pub use stats::{BlockStats, BlockStatsSnapshot};
 
 use crate::device::{
     feature, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, VIRTIO_F_VERSION_1,
@@ -69,6 +72,7 @@ pub struct Block {
     limits: BlockLimits,
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     config: [u8; CONFIG_LEN],
+    stats: Arc<BlockStats>,
 }
 
 impl std::fmt::Debug for Block {
@@ -114,7 +118,20 @@ impl Block {
             limits,
             serial: id,
             config,
+            stats: Arc::new(BlockStats::new()),
         })
+    }
+
+    /// Accounts this disk's requests in `stats` (counters that outlive the device, e.g. across
+    /// a VM reset, which rebuilds the devices but not the VMM process).
+    pub fn with_stats(mut self, stats: Arc<BlockStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// The disk's I/O counters.
+    pub fn stats(&self) -> Arc<BlockStats> {
+        self.stats.clone()
     }
 
     /// Capacity in 512-byte sectors (a trailing partial sector is not exposed).
@@ -181,7 +198,13 @@ impl VirtioDevice for Block {
             return Err(ActivateError::MissingQueue(0));
         };
         let disk = self.disk.take().ok_or(ActivateError::NoBackend)?;
-        let executor = RequestExecutor::new(disk, self.limits, ctx.acked_features, self.serial);
+        let executor = RequestExecutor::new(
+            disk,
+            self.limits,
+            ctx.acked_features,
+            self.serial,
+            self.stats.clone(),
+        );
         // The transport drives this queue from its own EventFd; the duplicate `q.notify` is
         // dropped here.
         self.handler = Some(BlockQueueHandler::new(

@@ -15,12 +15,15 @@
 //! byte to write).
 
 use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
 
 use devices::block::DiskImage;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::stats::{BlockStats, IoKind, IoOutcome};
 use super::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
@@ -186,15 +189,18 @@ pub struct RequestExecutor {
     acked_features: u64,
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     bounce: Vec<u8>,
+    stats: Arc<BlockStats>,
 }
 
 impl RequestExecutor {
-    /// An executor over `disk`; `acked_features` gates FLUSH, DISCARD and WRITE_ZEROES.
+    /// An executor over `disk`; `acked_features` gates FLUSH, DISCARD and WRITE_ZEROES. Every
+    /// data, flush and discard request is accounted in `stats`.
     pub fn new(
         disk: Box<dyn DiskImage>,
         limits: BlockLimits,
         acked_features: u64,
         serial: [u8; VIRTIO_BLK_ID_BYTES],
+        stats: Arc<BlockStats>,
     ) -> Self {
         RequestExecutor {
             disk,
@@ -202,6 +208,7 @@ impl RequestExecutor {
             acked_features,
             serial,
             bounce: Vec::new(),
+            stats,
         }
     }
 
@@ -235,7 +242,7 @@ impl RequestExecutor {
             return 0;
         };
         let (status, written) = match parsed {
-            Ok(c) => match self.run(mem, &c) {
+            Ok(c) => match self.run_accounted(mem, &c) {
                 Ok(n) => (VIRTIO_BLK_S_OK, n),
                 Err(e) => {
                     log::debug!("virtio-blk: request failed: {e}");
@@ -304,18 +311,54 @@ impl RequestExecutor {
         }
     }
 
+    /// Runs a well-formed request and accounts it by kind (GET_ID and unknown types are not
+    /// I/O and are not counted); returns the bytes written before the status byte.
+    fn run_accounted<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        c: &Chain,
+    ) -> Result<u32, RequestError> {
+        let started = Instant::now();
+        let mut header = [0u8; HEADER_LEN as usize];
+        c.readable.gather(mem, 0, &mut header)?;
+        let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        let kind = match req_type {
+            VIRTIO_BLK_T_IN => IoKind::Read,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES => IoKind::Write,
+            VIRTIO_BLK_T_FLUSH => IoKind::Flush,
+            VIRTIO_BLK_T_DISCARD => IoKind::Discard,
+            _ => return self.run(mem, c, req_type, sector).map(|(n, _)| n),
+        };
+        let result = self.run(mem, c, req_type, sector);
+        let outcome = match result {
+            Ok((_, bytes)) => IoOutcome::Done { bytes },
+            Err(RequestError::Io) => IoOutcome::Failed,
+            Err(_) => IoOutcome::Invalid,
+        };
+        let end = match (req_type, outcome) {
+            (VIRTIO_BLK_T_OUT, IoOutcome::Done { bytes }) => {
+                sector.checked_mul(SECTOR_SIZE).map(|o| o + bytes)
+            }
+            _ => None,
+        };
+        self.stats.account(kind, outcome, started.elapsed(), end);
+        result.map(|(n, _)| n)
+    }
+
     fn has(&self, bit: u32) -> bool {
         self.acked_features & feature(bit) != 0
     }
 
-    /// Runs a well-formed request; returns the bytes written before the status byte.
-    fn run<M: GuestMemory + ?Sized>(&mut self, mem: &M, c: &Chain) -> Result<u32, RequestError> {
-        let mut header = [0u8; HEADER_LEN as usize];
-        c.readable.gather(mem, 0, &mut header)?;
-        let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-        let mut sector_bytes = [0u8; 8];
-        sector_bytes.copy_from_slice(&header[8..16]);
-        let sector = u64::from_le_bytes(sector_bytes);
+    /// Runs a well-formed request of type `req_type` at `sector`; returns the bytes written
+    /// before the status byte and the payload bytes the request moved (or discarded).
+    fn run<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        c: &Chain,
+        req_type: u32,
+        sector: u64,
+    ) -> Result<(u32, u64), RequestError> {
         // Payload lengths: what follows the header, and what precedes the status byte.
         let out_len = c.readable.len - HEADER_LEN;
         let in_len = c.writable.len.saturating_sub(1);
@@ -324,7 +367,7 @@ impl RequestExecutor {
                 require(out_len == 0)?;
                 let offset = self.data_range(sector, in_len)?;
                 self.read(mem, &c.writable, offset, in_len)?;
-                Ok(in_len as u32)
+                Ok((in_len as u32, in_len))
             }
             VIRTIO_BLK_T_OUT => {
                 require(in_len == 0)?;
@@ -333,7 +376,7 @@ impl RequestExecutor {
                     return Err(RequestError::ReadOnly);
                 }
                 self.write(mem, &c.readable, offset, out_len)?;
-                Ok(0)
+                Ok((0, out_len))
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.has(VIRTIO_BLK_F_FLUSH) {
@@ -341,7 +384,7 @@ impl RequestExecutor {
                 }
                 require(in_len == 0 && out_len == 0)?;
                 self.disk.flush().map_err(|_| RequestError::Io)?;
-                Ok(0)
+                Ok((0, 0))
             }
             VIRTIO_BLK_T_GET_ID => {
                 require(out_len == 0)?;
@@ -352,17 +395,17 @@ impl RequestExecutor {
                         .map_err(|_| RequestError::BadAddress)?;
                     done += len;
                 }
-                Ok(n as u32)
+                Ok((n as u32, 0))
             }
             VIRTIO_BLK_T_DISCARD if self.has(VIRTIO_BLK_F_DISCARD) => {
                 require(in_len == 0)?;
-                self.discard_or_zero(mem, &c.readable, out_len, false)?;
-                Ok(0)
+                let bytes = self.discard_or_zero(mem, &c.readable, out_len, false)?;
+                Ok((0, bytes))
             }
             VIRTIO_BLK_T_WRITE_ZEROES if self.has(VIRTIO_BLK_F_WRITE_ZEROES) => {
                 require(in_len == 0)?;
-                self.discard_or_zero(mem, &c.readable, out_len, true)?;
-                Ok(0)
+                let bytes = self.discard_or_zero(mem, &c.readable, out_len, true)?;
+                Ok((0, bytes))
             }
             _ => Err(RequestError::Unsupported),
         }
@@ -451,13 +494,14 @@ impl RequestExecutor {
     }
 
     /// DISCARD (`zero == false`) or WRITE_ZEROES: every segment is validated before any runs.
+    /// Returns the bytes the segments cover.
     fn discard_or_zero<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         from: &Stream,
         len: u64,
         zero: bool,
-    ) -> Result<(), RequestError> {
+    ) -> Result<u64, RequestError> {
         let (max_seg, max_sectors) = if zero {
             (
                 self.limits.max_write_zeroes_seg,
@@ -495,6 +539,7 @@ impl RequestExecutor {
         if self.disk.read_only() {
             return Err(RequestError::ReadOnly);
         }
+        let mut total = 0u64;
         for (offset, bytes) in ranges {
             let r = if zero {
                 self.disk.write_zeroes(offset, bytes)
@@ -502,8 +547,9 @@ impl RequestExecutor {
                 self.disk.discard(offset, bytes)
             };
             r.map_err(|_| RequestError::Io)?;
+            total += bytes;
         }
-        Ok(())
+        Ok(total)
     }
 }
 

@@ -88,6 +88,7 @@ struct Setup {
     read_only: bool,
     features: u64,
     limits: BlockLimits,
+    stats: Arc<BlockStats>,
 }
 
 /// Addresses used by the tests (the mock queue lives at 0).
@@ -108,6 +109,7 @@ impl Setup {
             read_only: false,
             features: all_features(),
             limits: BlockLimits::for_queue_size(16),
+            stats: Arc::new(BlockStats::new()),
         }
     }
 
@@ -139,7 +141,13 @@ impl Setup {
         let queue: Queue = mock.create_queue().unwrap();
         let irq = Arc::new(CountingInterrupt::default());
         let disk = Box::new(MemDisk(self.disk.clone(), self.read_only));
-        let exec = RequestExecutor::new(disk, self.limits, self.features, *b"serial-0123456789abc");
+        let exec = RequestExecutor::new(
+            disk,
+            self.limits,
+            self.features,
+            *b"serial-0123456789abc",
+            self.stats.clone(),
+        );
         let mut h = BlockQueueHandler::new(self.mem.clone(), queue, 0, exec, irq.clone());
         assert_eq!(h.process_queue().unwrap(), 1);
         let used = mock.used_addr();
@@ -165,6 +173,11 @@ fn read_request() {
     assert_eq!((len, status, irqs), (1025, VIRTIO_BLK_S_OK, 1));
     let d = s.data(1024);
     assert!(d[..512].iter().all(|&b| b == 3) && d[512..].iter().all(|&b| b == 4));
+    let st = s.stats.snapshot();
+    assert_eq!(
+        (st.rd_operations, st.rd_bytes, st.wr_operations),
+        (1, 1024, 0)
+    );
 }
 
 #[test]
@@ -200,6 +213,11 @@ fn write_request() {
     assert!(d.data[1024..2048].iter().all(|&b| b == 0xab));
     assert_eq!(d.data[1023], 1);
     assert_eq!(d.data[2048], 4);
+    let st = s.stats.snapshot();
+    assert_eq!(
+        (st.wr_operations, st.wr_bytes, st.wr_highest_offset),
+        (1, 1024, 2048)
+    );
 }
 
 #[test]
@@ -237,6 +255,14 @@ fn flush_get_id_and_unknown() {
         );
     }
     assert_eq!(s.disk.lock().unwrap().flushes, 1);
+    // GET_ID and unknown types are not I/O; unnegotiated ones are refused requests.
+    let st = s.stats.snapshot();
+    assert_eq!((st.flush_operations, st.invalid_flush_operations), (1, 1));
+    assert_eq!(
+        (st.invalid_unmap_operations, st.invalid_wr_operations),
+        (1, 1)
+    );
+    assert_eq!(st.rd_operations + st.wr_operations, 0);
 }
 
 fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
@@ -304,6 +330,13 @@ fn discard_and_write_zeroes() {
         );
     }
     assert_eq!(s.disk.lock().unwrap().discards.len(), 2);
+    let st = s.stats.snapshot();
+    assert_eq!((st.unmap_operations, st.unmap_bytes), (1, 1536));
+    assert_eq!((st.wr_operations, st.wr_bytes), (1, 512));
+    assert_eq!(
+        (st.invalid_unmap_operations, st.invalid_wr_operations),
+        (5, 1)
+    );
 }
 
 #[test]
@@ -328,6 +361,12 @@ fn out_of_range_requests() {
         VIRTIO_BLK_S_IOERR
     );
     assert_eq!(s.disk.lock().unwrap().data[DISK_SIZE - 1], 127);
+    let st = s.stats.snapshot();
+    assert_eq!((st.invalid_rd_operations, st.invalid_wr_operations), (3, 1));
+    assert_eq!(
+        st.rd_operations + st.wr_operations + st.failed_rd_operations,
+        0
+    );
 }
 
 #[test]
@@ -472,6 +511,7 @@ fn bogus_avail_index_does_not_hang() {
         s.limits,
         0,
         [0; 20],
+        Arc::default(),
     );
     let mut h = BlockQueueHandler::new(
         s.mem.clone(),
