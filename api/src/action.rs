@@ -121,6 +121,66 @@ pub enum VmmAction {
         /// Seconds to wait for the answer (10 when absent).
         timeout: Option<u64>,
     },
+    /// A typed guest-agent operation (REST `/vm/agent/...`, `vmm ctl domifaddr|fsinfo|...`),
+    /// answered with [`VmmResponse::Agent`] in this VMM's own shape (snake_case members).
+    AgentVerb(AgentVerb),
+    /// The VM's figures (REST `GET /vm/metrics` and `GET /metrics`, `vmm ctl metrics`);
+    /// answered with [`VmmResponse::Metrics`], within a second even when the agent is silent.
+    GetMetrics,
+    /// Every disk's counters (QMP `query-blockstats`, HMP `info blockstats`); answered with
+    /// [`VmmResponse::BlockStats`].
+    QueryBlockStats,
+}
+
+/// The guest-agent operations operators use daily, each one agent command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentVerb {
+    /// The guest's network interfaces and addresses (`virsh domifaddr --source agent`).
+    Interfaces,
+    /// Mounted filesystems with used and total bytes (`virsh domfsinfo`).
+    Filesystems,
+    /// The guest's OS (`virsh guestinfo --os`).
+    OsInfo,
+    /// Freeze the guest's filesystems (before a disk snapshot); answers how many.
+    FsFreeze,
+    /// Thaw them; answers how many.
+    FsThaw,
+    /// Set the guest's clock: to `time_ns` (ns since the Unix epoch), or the host's clock now
+    /// (after a restore, `virsh domtime --sync`).
+    SetTime {
+        /// The time to set; the host's now when absent.
+        time_ns: Option<i64>,
+    },
+    /// Shut the guest down through the agent (`virsh shutdown --mode agent`); a powered-off
+    /// guest ends the VMM with status 0.
+    Shutdown {
+        /// `powerdown`, `reboot` or `halt` (qemu-ga's modes).
+        mode: GuestShutdownMode,
+    },
+}
+
+/// How `guest-shutdown` shuts the guest down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestShutdownMode {
+    /// Power off (the VMM exits 0).
+    #[default]
+    Powerdown,
+    /// Reboot.
+    Reboot,
+    /// Halt.
+    Halt,
+}
+
+impl GuestShutdownMode {
+    /// qemu-ga's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestShutdownMode::Powerdown => "powerdown",
+            GuestShutdownMode::Reboot => "reboot",
+            GuestShutdownMode::Halt => "halt",
+        }
+    }
 }
 
 impl VmmAction {
@@ -142,6 +202,9 @@ impl VmmAction {
             VmmAction::SetLink { .. } => "set-link",
             VmmAction::SetNetRateLimit { .. } => "set-net-rate-limit",
             VmmAction::AgentCommand { .. } => "agent",
+            VmmAction::AgentVerb(_) => "agent",
+            VmmAction::GetMetrics => "metrics",
+            VmmAction::QueryBlockStats => "query-blockstats",
         }
     }
 }
@@ -365,8 +428,12 @@ pub enum VmmResponse {
     Migration(Box<MigrationInfo>),
     /// Answer to `GetMigrationCapabilities`: the capabilities this VMM implements.
     MigrationCapabilities(Vec<MigrationCapabilityState>),
-    /// Answer to `AgentCommand`: the agent's `return` value.
+    /// Answer to `AgentCommand`: the agent's `return` value; to `AgentVerb`: its typed answer.
     Agent(serde_json::Value),
+    /// Answer to `GetMetrics`.
+    Metrics(Box<crate::metrics::VmMetrics>),
+    /// Answer to `QueryBlockStats`: every disk, in PCI slot order.
+    BlockStats(Vec<crate::metrics::DiskStats>),
 }
 
 /// Why an action was refused or failed.
@@ -414,8 +481,12 @@ impl VmState {
             }
             // The agent answers while the guest runs; a paused guest's agent cannot (the
             // command would only time out).
-            (Running, AgentCommand { .. }) => Ok(self),
-            (Created | Paused | PostMigrate | Incoming, AgentCommand { .. }) => Err(refuse()),
+            (Running, AgentCommand { .. } | AgentVerb(_)) => Ok(self),
+            (Created | Paused | PostMigrate | Incoming, AgentCommand { .. } | AgentVerb(_)) => {
+                Err(refuse())
+            }
+            // Figures exist whenever the VM does.
+            (Created | Running | Paused | PostMigrate, GetMetrics | QueryBlockStats) => Ok(self),
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).

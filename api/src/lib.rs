@@ -9,15 +9,17 @@ pub mod action;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod metrics;
 pub mod qmp;
 pub mod server;
 
 pub use action::{
-    ActionError, AgentInfo, MigrationCapability, MigrationCapabilityState, MigrationInfo,
-    MigrationStatus, RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState,
-    VmmAction, VmmResponse,
+    ActionError, AgentInfo, AgentVerb, GuestShutdownMode, MigrationCapability,
+    MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats, ShutdownCause, VcpuInfo,
+    VersionInfo, VmEvent, VmInfo, VmState, VmmAction, VmmResponse,
 };
 pub use config::{
     BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat, MachineConfig,
-    NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB,
+    MetricsConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS,
+    MIN_MEMORY_MIB,
 };

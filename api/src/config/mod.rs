@@ -71,6 +71,37 @@ pub struct VmConfig {
     /// (REST `PUT /vm/agent`, `vmm ctl agent`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub agent: bool,
+    /// How the VMM samples the VM's figures (`GET /vm/metrics`, `GET /metrics`).
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_default")]
+    pub metrics: MetricsConfig,
+}
+
+/// The metrics sampler: rates are computed over the interval between the VMM's own samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Seconds between two samples (1..=3600); the guest agent is asked as often while someone
+    /// reads the metrics.
+    #[serde(default = "default_metrics_interval")]
+    pub interval_s: u64,
+}
+
+fn default_metrics_interval() -> u64 {
+    5
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            interval_s: default_metrics_interval(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn is_default(&self) -> bool {
+        *self == MetricsConfig::default()
+    }
 }
 
 /// Where a QMP monitor listens: `{"unix": "PATH"}` or `{"tcp": "HOST:PORT"}`.
@@ -458,6 +489,12 @@ impl VmConfig {
         }
         for ep in &self.qmp {
             ep.validate()?;
+        }
+        if !(1..=3600).contains(&self.metrics.interval_s) {
+            return Err(ConfigError::Invalid {
+                field: "metrics.interval_s",
+                reason: format!("{} is out of range (1..=3600)", self.metrics.interval_s),
+            });
         }
         self.validate_disks(check_boot_files)?;
         self.validate_nets()?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::action::{ActionError, VmmAction, VmmResponse};
+use crate::action::{ActionError, AgentVerb, GuestShutdownMode, VmmAction, VmmResponse};
 use crate::controller::Reply;
 
 /// One operation of the API.
@@ -38,6 +38,24 @@ pub enum Route {
     /// `PUT /vm/agent` with `{"execute": "guest-ping", "arguments": {...}, "timeout": 10}`:
     /// the guest agent's answer, `{"return": ...}` (200).
     Agent,
+    /// `GET /vm/agent/interfaces`: the guest's interfaces and addresses, from the agent.
+    AgentInterfaces,
+    /// `GET /vm/agent/filesystems`: mounted filesystems with used and total bytes.
+    AgentFilesystems,
+    /// `GET /vm/agent/os`: the guest's OS.
+    AgentOs,
+    /// `PUT /vm/agent/fsfreeze`: freeze the guest's filesystems, `{"frozen": N}`.
+    AgentFsFreeze,
+    /// `PUT /vm/agent/fsthaw`: thaw them, `{"thawed": N}`.
+    AgentFsThaw,
+    /// `PUT /vm/agent/set-time` with an optional `{"time_ns": N}` (the host's clock if absent).
+    AgentSetTime,
+    /// `PUT /vm/agent/shutdown` with an optional `{"mode": "powerdown|reboot|halt"}`.
+    AgentShutdown,
+    /// `GET /vm/metrics`: the VM's figures (JSON).
+    GetMetrics,
+    /// `GET /metrics`: the same in Prometheus' text format.
+    Prometheus,
 }
 
 /// Every route: method, path, operation.
@@ -55,13 +73,41 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/set-link", Route::SetLink),
     ("PUT", "/vm/net-rate-limit", Route::NetRateLimit),
     ("PUT", "/vm/agent", Route::Agent),
+    ("GET", "/vm/agent/interfaces", Route::AgentInterfaces),
+    ("GET", "/vm/agent/filesystems", Route::AgentFilesystems),
+    ("GET", "/vm/agent/os", Route::AgentOs),
+    ("PUT", "/vm/agent/fsfreeze", Route::AgentFsFreeze),
+    ("PUT", "/vm/agent/fsthaw", Route::AgentFsThaw),
+    ("PUT", "/vm/agent/set-time", Route::AgentSetTime),
+    ("PUT", "/vm/agent/shutdown", Route::AgentShutdown),
+    ("GET", "/vm/metrics", Route::GetMetrics),
+    ("GET", "/metrics", Route::Prometheus),
 ];
 
 impl Route {
     /// Whether it changes something (PUT): its body is checked, and success is 204 (200 with
     /// the answer for an agent command).
     fn takes_body(self) -> bool {
-        !matches!(self, Route::GetVm | Route::GetVersion | Route::GetMigration)
+        !matches!(
+            self,
+            Route::GetVm
+                | Route::GetVersion
+                | Route::GetMigration
+                | Route::AgentInterfaces
+                | Route::AgentFilesystems
+                | Route::AgentOs
+                | Route::GetMetrics
+                | Route::Prometheus
+        )
+    }
+
+    /// Whether a successful answer carries a body (200) rather than none (204).
+    fn answers(self) -> bool {
+        !self.takes_body()
+            || matches!(
+                self,
+                Route::Agent | Route::AgentFsFreeze | Route::AgentFsThaw | Route::AgentSetTime
+            )
     }
 }
 
@@ -82,7 +128,56 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::SetLink => set_link_body(body),
         Route::NetRateLimit => rate_limit_body(body),
         Route::Agent => agent_body(body),
+        Route::AgentInterfaces => plain(VmmAction::AgentVerb(AgentVerb::Interfaces)),
+        Route::AgentFilesystems => plain(VmmAction::AgentVerb(AgentVerb::Filesystems)),
+        Route::AgentOs => plain(VmmAction::AgentVerb(AgentVerb::OsInfo)),
+        Route::AgentFsFreeze => plain(VmmAction::AgentVerb(AgentVerb::FsFreeze)),
+        Route::AgentFsThaw => plain(VmmAction::AgentVerb(AgentVerb::FsThaw)),
+        Route::AgentSetTime => set_time_body(body),
+        Route::AgentShutdown => agent_shutdown_body(body),
+        Route::GetMetrics | Route::Prometheus => plain(VmmAction::GetMetrics),
     }
+}
+
+/// An optional JSON object body of type `T` (`{}` or nothing gives its defaults).
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))
+}
+
+/// `{"time_ns": N}`, or nothing for the host's clock.
+fn set_time_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        time_ns: Option<i64>,
+    }
+    let b: Body = optional_body(body)?;
+    if b.time_ns.is_some_and(|t| t < 0) {
+        return Err(Response::error(
+            400,
+            "`time_ns` is nanoseconds since the Unix epoch, not negative",
+        ));
+    }
+    Ok(VmmAction::AgentVerb(AgentVerb::SetTime {
+        time_ns: b.time_ns,
+    }))
+}
+
+/// `{"mode": "powerdown|reboot|halt"}`, powerdown by default.
+fn agent_shutdown_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        mode: GuestShutdownMode,
+    }
+    let b: Body = optional_body(body)?;
+    Ok(VmmAction::AgentVerb(AgentVerb::Shutdown { mode: b.mode }))
 }
 
 /// The body of an agent command: QEMU's `{"execute", "arguments"}`, and a timeout in seconds.
@@ -221,6 +316,8 @@ pub(crate) struct Response {
     pub(crate) body: Option<Value>,
     /// `Allow` header (405).
     pub(crate) allow: Option<String>,
+    /// A plain-text body instead of JSON (Prometheus' format).
+    pub(crate) text: Option<String>,
 }
 
 impl Response {
@@ -230,6 +327,7 @@ impl Response {
             status,
             body: Some(json!({ "error": msg.into() })),
             allow: None,
+            text: None,
         }
     }
 
@@ -238,6 +336,16 @@ impl Response {
             status: 200,
             body: Some(body),
             allow: None,
+            text: None,
+        }
+    }
+
+    fn prometheus(text: String) -> Response {
+        Response {
+            status: 200,
+            body: None,
+            allow: None,
+            text: Some(text),
         }
     }
 
@@ -246,29 +354,33 @@ impl Response {
             status: 204,
             body: None,
             allow: None,
+            text: None,
         }
     }
 
     /// Appends the serialized response to `out`.
     pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
-        let body = self
-            .body
-            .as_ref()
-            .map(|b| {
+        let (content_type, body) = match (&self.body, &self.text) {
+            (Some(b), _) => {
                 let mut v = serde_json::to_vec(b).unwrap_or_default();
                 v.push(b'\n');
-                v
-            })
-            .unwrap_or_default();
+                (Some("application/json"), v)
+            }
+            (None, Some(t)) => (
+                Some("text/plain; version=0.0.4; charset=utf-8"),
+                t.as_bytes().to_vec(),
+            ),
+            (None, None) => (None, Vec::new()),
+        };
         let mut head = format!(
             "HTTP/1.1 {} {}\r\nServer: vmm/{}\r\n",
             self.status,
             reason(self.status),
             env!("CARGO_PKG_VERSION")
         );
-        if self.body.is_some() {
+        if let Some(ct) = content_type {
             head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                "Content-Type: {ct}\r\nContent-Length: {}\r\n",
                 body.len()
             ));
         }
@@ -364,6 +476,14 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         }
         Ok(VmmResponse::Agent(v)) if route == Route::Agent => {
             Response::ok(serde_json::json!({ "return": v }))
+        }
+        Ok(VmmResponse::Agent(v)) if route.answers() => Response::ok(v),
+        Ok(VmmResponse::Agent(_)) if route == Route::AgentShutdown => Response::no_content(),
+        Ok(VmmResponse::Metrics(m)) if route == Route::GetMetrics => {
+            Response::ok(serde_json::to_value(&m).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::Metrics(m)) if route == Route::Prometheus => {
+            Response::prometheus(m.to_prometheus())
         }
         Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),
@@ -508,5 +628,83 @@ mod tests {
         assert!(text.contains("\r\nConnection: close\r\n"));
         let body = text.split("\r\n\r\n").nth(1).unwrap();
         assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+    }
+
+    #[test]
+    fn agent_verbs_and_metrics() {
+        use crate::metrics::VmMetrics;
+        let verb = |r: Route, body: &[u8]| action(r, body);
+        assert_eq!(
+            verb(Route::AgentInterfaces, b""),
+            Ok(VmmAction::AgentVerb(AgentVerb::Interfaces))
+        );
+        assert_eq!(
+            verb(Route::AgentSetTime, b""),
+            Ok(VmmAction::AgentVerb(AgentVerb::SetTime { time_ns: None }))
+        );
+        assert_eq!(
+            verb(Route::AgentSetTime, br#"{"time_ns": 5}"#),
+            Ok(VmmAction::AgentVerb(AgentVerb::SetTime {
+                time_ns: Some(5)
+            }))
+        );
+        assert_eq!(
+            verb(Route::AgentSetTime, br#"{"time_ns": -1}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            verb(Route::AgentSetTime, br#"{"when": 1}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            verb(Route::AgentShutdown, br#"{"mode": "reboot"}"#),
+            Ok(VmmAction::AgentVerb(AgentVerb::Shutdown {
+                mode: GuestShutdownMode::Reboot
+            }))
+        );
+        assert_eq!(
+            verb(Route::AgentShutdown, br#"{"mode": "off"}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            verb(Route::AgentFsFreeze, br#"{"x": 1}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+        // Typed answers are served as they are; the shutdown has none.
+        let r = respond(
+            Route::AgentFsFreeze,
+            Ok(VmmResponse::Agent(json!({"frozen": 1}))),
+        );
+        assert_eq!((r.status, r.body), (200, Some(json!({"frozen": 1}))));
+        assert_eq!(
+            respond(Route::AgentShutdown, Ok(VmmResponse::Done)).status,
+            204
+        );
+        // Metrics: JSON at /vm/metrics, Prometheus' text at /metrics.
+        let m = || {
+            Ok(VmmResponse::Metrics(Box::new(VmMetrics {
+                cpu_usage: Some(1.0),
+                ..Default::default()
+            })))
+        };
+        assert_eq!(
+            respond(Route::GetMetrics, m()).body.unwrap()["cpuUsage"],
+            1.0
+        );
+        let mut out = Vec::new();
+        respond(Route::Prometheus, m()).write(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+        assert!(body.contains("vmm_cpu_usage_percent 1\n"));
     }
 }

@@ -38,6 +38,8 @@ pub(crate) enum InfoKind {
     MigrateCapabilities,
     /// `info network`.
     Network,
+    /// `info blockstats`.
+    Blockstats,
 }
 
 impl InfoKind {
@@ -47,6 +49,7 @@ impl InfoKind {
             InfoKind::Status | InfoKind::Cpus | InfoKind::Network => VmmAction::GetVmInfo,
             InfoKind::Migrate => VmmAction::QueryMigrate,
             InfoKind::MigrateCapabilities => VmmAction::GetMigrationCapabilities,
+            InfoKind::Blockstats => VmmAction::QueryBlockStats,
         }
     }
 }
@@ -57,6 +60,7 @@ pub(crate) fn crlf(text: &str) -> String {
 }
 
 const INFO_HELP: &str = "\
+info blockstats  -- show block device statistics
 info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
 info migrate [-a] -- show migration status (-a: all, dump all status)
@@ -76,6 +80,7 @@ const INFO_NO_ARGS: &[&str] = &[
     "name",
     "migrate_capabilities",
     "network",
+    "blockstats",
 ];
 
 /// `line` up to the end of its `n`-th word: what QEMU repeats in "Try \"help ...\"".
@@ -204,6 +209,7 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         "migrate" => HmpCommand::Info(InfoKind::Migrate),
         "migrate_capabilities" => HmpCommand::Info(InfoKind::MigrateCapabilities),
         "network" => HmpCommand::Info(InfoKind::Network),
+        "blockstats" => HmpCommand::Info(InfoKind::Blockstats),
         "version" => {
             let v = VersionInfo::current();
             HmpCommand::Text(crlf(&format!("{}\n", v.version)))
@@ -290,7 +296,38 @@ pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<Strin
             )),
             other => Err(unexpected(other)),
         },
+        InfoKind::Blockstats => match reply {
+            Ok(VmmResponse::BlockStats(disks)) => Ok(crlf(&blockstats_text(&disks))),
+            other => Err(unexpected(other)),
+        },
     }
+}
+
+/// `info blockstats`: one line per disk, QEMU's members in QEMU's order.
+fn blockstats_text(disks: &[crate::metrics::DiskStats]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            let s = &d.stats;
+            format!(
+                "{}: rd_bytes={} wr_bytes={} rd_operations={} wr_operations={} \
+                 flush_operations={} wr_total_time_ns={} rd_total_time_ns={} \
+                 flush_total_time_ns={} rd_merged={} wr_merged={} idle_time_ns={}\n",
+                d.id,
+                s.rd_bytes,
+                s.wr_bytes,
+                s.rd_operations,
+                s.wr_operations,
+                s.flush_operations,
+                s.wr_total_time_ns,
+                s.rd_total_time_ns,
+                s.flush_total_time_ns,
+                s.rd_merged,
+                s.wr_merged,
+                s.idle_time_ns.unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 /// `info status` / `info cpus` output. `current_cpu` is the monitor's CPU (marked `*`).
@@ -339,7 +376,7 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
                 )
             })
             .collect(),
-        InfoKind::Migrate | InfoKind::MigrateCapabilities => String::new(),
+        InfoKind::Migrate | InfoKind::MigrateCapabilities | InfoKind::Blockstats => String::new(),
     };
     crlf(&text)
 }

@@ -609,3 +609,49 @@ fn hmp_migration_commands_through_qmp() {
     let r = answer(m.reply(Ok(VmmResponse::MigrationCapabilities(vec![]))));
     assert!(r["return"].as_str().unwrap().contains("events: off\r\n"));
 }
+
+#[test]
+fn blockstats_in_qemus_shape() {
+    use crate::metrics::{BlockDeviceStats, DiskStats};
+    let disks = || {
+        Ok(VmmResponse::BlockStats(vec![DiskStats {
+            id: "disk0".into(),
+            stats: BlockDeviceStats {
+                rd_bytes: 4096,
+                wr_operations: 3,
+                account_invalid: true,
+                account_failed: true,
+                ..Default::default()
+            },
+        }]))
+    };
+    let mut m = negotiated();
+    let req = json!({"execute": "query-blockstats", "arguments": {"query-nodes": false}});
+    assert_eq!(m.request(req), Step::Submit(VmmAction::QueryBlockStats));
+    let r = answer(m.reply(disks()));
+    let d = &r["return"][0];
+    assert_eq!(d["device"], "disk0");
+    assert_eq!(d["qdev"], "/machine/peripheral/disk0/virtio-backend");
+    assert_eq!(
+        (
+            d["stats"]["rd_bytes"].as_u64(),
+            d["stats"]["wr_operations"].as_u64()
+        ),
+        (Some(4096), Some(3))
+    );
+    assert_eq!(d["stats"]["account_failed"], true);
+    // Before the first request QEMU leaves idle_time_ns out.
+    assert!(d["stats"].get("idle_time_ns").is_none());
+    let bad =
+        answer(m.request(json!({"execute": "query-blockstats", "arguments": {"query-nodes": 1}})));
+    assert_eq!(error(&bad).0, "GenericError");
+
+    let hmp = json!({"execute": "human-monitor-command", "arguments": {"command-line": "info blockstats"}});
+    assert_eq!(m.request(hmp), Step::Submit(VmmAction::QueryBlockStats));
+    assert_eq!(
+        answer(m.reply(disks())),
+        json!({"return": "disk0: rd_bytes=4096 wr_bytes=0 rd_operations=0 wr_operations=3 \
+                flush_operations=0 wr_total_time_ns=0 rd_total_time_ns=0 flush_total_time_ns=0 \
+                rd_merged=0 wr_merged=0 idle_time_ns=0\r\n"})
+    );
+}
