@@ -129,7 +129,10 @@ impl BuildError {
 }
 
 /// Opens every configured disk and wraps it in a virtio-blk device model, with its id.
-fn open_disks(cfg: &VmConfig) -> Result<Vec<IdentifiedDevice>, BuildError> {
+fn open_disks(
+    cfg: &VmConfig,
+    stats: &[Arc<virtio::block::BlockStats>],
+) -> Result<Vec<IdentifiedDevice>, BuildError> {
     let mut out: Vec<IdentifiedDevice> = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
         let id = cfg.disk_id(i);
@@ -154,11 +157,14 @@ fn open_disks(cfg: &VmConfig) -> Result<Vec<IdentifiedDevice>, BuildError> {
                 source,
             }
         })?;
-        let block =
+        let mut block =
             Block::new(image, d.serial.as_deref()).map_err(|source| BuildError::BlockDevice {
                 id: id.clone(),
                 source,
             })?;
+        if let Some(s) = stats.get(i) {
+            block = block.with_stats(s.clone());
+        }
         out.push((id, Box::new(block)));
     }
     Ok(out)
@@ -206,6 +212,8 @@ pub struct HostBackends<'a> {
     pub nets: &'a NetBackends,
     /// The virtio console's and channels' (None without any).
     pub consoles: Option<&'a ConsoleBackends>,
+    /// Each disk's I/O counters, in slot order (they outlive the devices).
+    pub disk_stats: &'a [Arc<virtio::block::BlockStats>],
 }
 
 /// Builds and starts one incarnation of the VM `cfg` describes, booting its kernel, or (with
@@ -234,7 +242,7 @@ pub fn build_vm(
     let mut registry = DeviceRegistry::new();
     devices.register(&mut registry)?;
     // PCI slot order: the disks, then the NICs, then the console.
-    let mut virtio_devices = open_disks(cfg)?;
+    let mut virtio_devices = open_disks(cfg, host.disk_stats)?;
     virtio_devices.extend(host.nets.devices()?);
     if let Some(c) = host.consoles {
         virtio_devices.push(c.device()?);

@@ -6,6 +6,7 @@
 //! control-plane actions).
 
 pub mod agent;
+pub mod agent_verbs;
 pub mod builder;
 pub mod cli;
 pub mod console;
@@ -15,6 +16,7 @@ pub mod img;
 pub mod incoming;
 pub mod kernel_cache;
 pub mod kvm;
+pub mod metrics;
 pub mod net;
 pub mod pci;
 pub mod registry;
@@ -257,6 +259,16 @@ fn run_vm(
     // The console's and the channels' sockets too: a client stays connected across reboots.
     let consoles =
         vconsole::ConsoleBackends::open(&cfg, shared.signal.clone(), shared.bus.clone())?;
+    // The counters and samples outlive resets, as QEMU's do.
+    let meter = Rc::new(std::cell::RefCell::new(metrics::Meter::new(
+        std::time::Duration::from_secs(cfg.metrics.interval_s),
+        (0..cfg.disks.len())
+            .map(|i| (cfg.disk_id(i), Arc::new(virtio::block::BlockStats::new())))
+            .collect(),
+        nets.handles(),
+        consoles.as_ref().and_then(vconsole::ConsoleBackends::agent),
+    )));
+    let disk_stats = meter.borrow().disk_stats();
     loop {
         // A reset keeps a stopped VM stopped (paused, or paused after a snapshot), as QEMU does.
         let paused = matches!(shared.state.get(), VmState::Paused | VmState::PostMigrate);
@@ -265,12 +277,13 @@ fn run_vm(
             serial,
             nets: &nets,
             consoles: consoles.as_ref(),
+            disk_stats: &disk_stats,
         };
         let running = build_vm(hv, cpuid, &cfg, &host, paused, loaded.as_deref())?;
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
         // own reference to the file).
         drop(loaded);
-        let outcome = match run_incarnation(running, serial, shared) {
+        let outcome = match run_incarnation(running, serial, shared, &meter) {
             Ok(o) => o,
             Err(e) => {
                 shared.state.set(VmState::ShuttingDown);

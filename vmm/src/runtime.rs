@@ -6,6 +6,7 @@
 //! arrives here as an fd event and becomes one [`Outcome`].
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -25,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::RunningVm;
 use crate::console::SerialBackend;
+use crate::metrics::Meter;
 use crate::vcpu::VcpuExitReason;
 use crate::{lock, VmmError, VCPU_STOP_TIMEOUT};
 
@@ -115,6 +117,7 @@ pub fn run_incarnation(
     vm: RunningVm,
     serial: &SerialBackend,
     shared: &Shared,
+    meter: &Rc<RefCell<Meter>>,
 ) -> Result<Outcome, VmmError> {
     let result = Rc::new(Cell::new(None));
     let quit = Arc::new(
@@ -126,6 +129,7 @@ pub fn run_incarnation(
     let serial_dev = vm.devices.serial.clone();
     let rtc = RtcTimer(vm.devices.cmos.clone());
     let virtio = vm.virtio.clone();
+    let sampler = MetricsTimer::new(meter.clone(), vm.control.clone())?;
     let control = Control {
         vm,
         quit: quit.clone(),
@@ -137,9 +141,11 @@ pub fn run_incarnation(
         signal: shared.signal.clone(),
         migration: shared.migration.clone(),
         msr_index: shared.msr_index.clone(),
+        meter: meter.clone(),
     };
     let control_id = em.add_subscriber(Box::new(control));
     em.add_subscriber(Box::new(rtc));
+    em.add_subscriber(Box::new(sampler));
     for dev in virtio {
         em.add_subscriber(Box::new(dev));
     }
@@ -204,6 +210,7 @@ struct Control {
     signal: Arc<EventFd>,
     migration: Rc<Migration>,
     msr_index: Arc<Vec<u32>>,
+    meter: Rc<RefCell<Meter>>,
 }
 
 const EV_EXIT: u32 = 0;
@@ -241,20 +248,12 @@ impl Control {
         self.finish(outcome);
     }
 
-    /// Hands an agent command to the agent's worker thread, which replies when the guest
-    /// answers or the command times out: the event loop never waits on the guest.
+    /// Hands an agent command (raw or typed) to the agent's worker thread, which replies when
+    /// the guest answers or the command times out: the event loop never waits on the guest.
     fn agent_command(&mut self, req: api::controller::ActionRequest) {
         if let Err(e) = self.state.get().check(&req.action) {
             return (req.reply)(Err(e));
         }
-        let VmmAction::AgentCommand {
-            execute,
-            arguments,
-            timeout,
-        } = req.action
-        else {
-            return;
-        };
         let failed = |reason: String| ActionError::Failed {
             action: "agent",
             reason,
@@ -265,18 +264,53 @@ impl Control {
                     .into(),
             )));
         };
+        let (command, arguments, timeout, verb) = match req.action {
+            VmmAction::AgentCommand {
+                execute,
+                arguments,
+                timeout,
+            } => (execute, arguments, timeout, None),
+            VmmAction::AgentVerb(verb) => {
+                let (command, arguments) = crate::agent_verbs::command(verb);
+                (command.to_string(), arguments, None, Some(verb))
+            }
+            _ => return,
+        };
         let reply = req.reply;
+        let sent = arguments.clone();
         agent.worker.submit(crate::agent::AgentJob {
-            command: execute,
+            command,
             arguments,
             timeout: timeout.map_or(
                 crate::agent::DEFAULT_TIMEOUT,
                 std::time::Duration::from_secs,
             ),
             reply: Box::new(move |r| {
-                reply(r.map(VmmResponse::Agent).map_err(|e| failed(e.to_string())))
+                let r = r
+                    .map_err(|e| failed(e.to_string()))
+                    .and_then(|v| match verb {
+                        None => Ok(VmmResponse::Agent(v)),
+                        Some(api::AgentVerb::Shutdown { .. }) => Ok(VmmResponse::Done),
+                        Some(verb) => crate::agent_verbs::answer(verb, sent.as_ref(), v)
+                            .map(VmmResponse::Agent)
+                            .map_err(failed),
+                    });
+                reply(r)
             }),
         });
+    }
+
+    /// Answers a metrics request: the host's figures at once, the guest's within a second.
+    fn metrics(&mut self, req: api::controller::ActionRequest) {
+        if let Err(e) = self.state.get().check(&req.action) {
+            return (req.reply)(Err(e));
+        }
+        let tids = vcpu_tids(&self.vm.control);
+        let reply = req.reply;
+        self.meter.borrow_mut().request(
+            &tids,
+            Box::new(move |m| reply(Ok(VmmResponse::Metrics(Box::new(m))))),
+        );
     }
 
     /// The NIC with this id (QEMU's DeviceNotFound otherwise).
@@ -364,9 +398,12 @@ impl Control {
             VmmAction::SetNetRateLimit { id, rx, tx } => {
                 self.nic(id)?.set_rate_limits(*rx, *tx);
             }
-            // Answered by the agent worker (see `dispatch`), never on this thread.
-            VmmAction::AgentCommand { .. } => {
-                return Err(failed("the agent command was not dispatched".into()))
+            VmmAction::QueryBlockStats => {
+                return Ok(VmmResponse::BlockStats(self.meter.borrow().block_stats()))
+            }
+            // Answered by the agent worker or the meter (see `process`), never here.
+            VmmAction::AgentCommand { .. } | VmmAction::AgentVerb(_) | VmmAction::GetMetrics => {
+                return Err(failed("the request was not dispatched".into()))
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.
@@ -514,9 +551,16 @@ impl MutEventSubscriber for Control {
             }
             EV_ACTION => {
                 for req in self.inbox.drain() {
-                    if let VmmAction::AgentCommand { .. } = req.action {
-                        self.agent_command(req);
-                        continue;
+                    match req.action {
+                        VmmAction::AgentCommand { .. } | VmmAction::AgentVerb(_) => {
+                            self.agent_command(req);
+                            continue;
+                        }
+                        VmmAction::GetMetrics => {
+                            self.metrics(req);
+                            continue;
+                        }
+                        _ => {}
                     }
                     let result = self.execute(&req.action);
                     (req.reply)(result);
@@ -533,6 +577,55 @@ impl Drop for Control {
         self.vm
             .vm
             .stop_vcpus(&self.vm.control, threads, VCPU_STOP_TIMEOUT);
+    }
+}
+
+/// The vCPU threads' ids now (0 for one not started).
+fn vcpu_tids(control: &crate::vcpu::VcpuControl) -> Vec<i32> {
+    control
+        .thread_ids()
+        .into_iter()
+        .map(|t| t.unwrap_or(0))
+        .collect()
+}
+
+/// Takes the meter's periodic sample from a timerfd on the VMM thread.
+struct MetricsTimer {
+    meter: Rc<RefCell<Meter>>,
+    control: Arc<crate::vcpu::VcpuControl>,
+    timer: vmm_sys_util::timerfd::TimerFd,
+}
+
+impl MetricsTimer {
+    fn new(
+        meter: Rc<RefCell<Meter>>,
+        control: Arc<crate::vcpu::VcpuControl>,
+    ) -> Result<MetricsTimer, VmmError> {
+        let fail =
+            |e: vmm_sys_util::errno::Error| VmmError::EventLoop(format!("metrics timer: {e}"));
+        let mut timer = vmm_sys_util::timerfd::TimerFd::new().map_err(fail)?;
+        let period = meter.borrow().period();
+        timer.reset(period, Some(period)).map_err(fail)?;
+        Ok(MetricsTimer {
+            meter,
+            control,
+            timer,
+        })
+    }
+}
+
+impl MutEventSubscriber for MetricsTimer {
+    fn init(&mut self, ops: &mut EventOps) {
+        // The incarnation's first sample: rates are computed against it until the next.
+        self.meter.borrow_mut().tick(&vcpu_tids(&self.control));
+        if let Err(e) = ops.add(Events::new_raw(self.timer.as_raw_fd(), EventSet::IN)) {
+            eprintln!("vmm: cannot watch the metrics timer, rates will be unavailable: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.meter.borrow_mut().tick(&vcpu_tids(&self.control));
     }
 }
 

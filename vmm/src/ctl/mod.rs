@@ -1,5 +1,9 @@
 //! `vmm ctl`: a client for people, over the REST API socket of a running VMM.
 //!
+//! The guest's figures and the typed agent operations (`metrics`, `domifaddr`, `fsinfo`,
+//! `osinfo`, `fsfreeze`, `fsthaw`, `set-time`, `guest-shutdown`) print as tables the way virsh
+//! prints them ([`guest`]).
+//!
 //! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
 //! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE`, `vmm ctl --api-socket PATH
 //! set-link ID on|off` and `vmm ctl --api-socket PATH rate-limit ID [--rx-bps N] [--tx-bps N]
@@ -15,6 +19,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+
+mod guest;
 
 /// How long `vmm ctl` waits for the VMM.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,6 +106,42 @@ pub enum CtlCommand {
         #[arg(long, value_name = "S")]
         timeout: Option<u64>,
     },
+    /// Show the VM's figures: CPU, memory, load, network, disks and filesystems (memory, load
+    /// and filesystems need the guest agent).
+    Metrics {
+        /// Print the JSON answer instead of a table.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// Print Prometheus' text format (what `GET /metrics` serves).
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// The guest's interfaces and addresses, from its agent (like `virsh domifaddr --source
+    /// agent`).
+    Domifaddr,
+    /// The guest's mounted filesystems with their usage, from its agent (like `virsh
+    /// domfsinfo`).
+    Fsinfo,
+    /// The guest's OS, from its agent (like `virsh guestinfo --os`).
+    Osinfo,
+    /// Freeze the guest's filesystems through its agent (before a disk snapshot).
+    Fsfreeze,
+    /// Thaw the guest's filesystems.
+    Fsthaw,
+    /// Set the guest's clock through its agent: to the host's clock, or to --time-ns (after a
+    /// restore, like `virsh domtime --sync`).
+    SetTime {
+        /// Nanoseconds since the Unix epoch.
+        #[arg(long, value_name = "NS")]
+        time_ns: Option<u64>,
+    },
+    /// Shut the guest down through its agent (like `virsh shutdown --mode agent`); the VMM
+    /// exits 0 when the guest has powered off.
+    GuestShutdown {
+        /// powerdown, reboot or halt.
+        #[arg(long, default_value = "powerdown", value_parser = ["powerdown", "reboot", "halt"])]
+        mode: String,
+    },
     /// Set a network card's link up or down (QMP `set_link`).
     SetLink {
         /// The NIC's id (see `nics`).
@@ -129,6 +171,17 @@ impl CtlCommand {
             CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
             CtlCommand::RateLimit { .. } => ("PUT", "/vm/net-rate-limit"),
             CtlCommand::Agent { .. } => ("PUT", "/vm/agent"),
+            CtlCommand::Metrics {
+                prometheus: true, ..
+            } => ("GET", "/metrics"),
+            CtlCommand::Metrics { .. } => ("GET", "/vm/metrics"),
+            CtlCommand::Domifaddr => ("GET", "/vm/agent/interfaces"),
+            CtlCommand::Fsinfo => ("GET", "/vm/agent/filesystems"),
+            CtlCommand::Osinfo => ("GET", "/vm/agent/os"),
+            CtlCommand::Fsfreeze => ("PUT", "/vm/agent/fsfreeze"),
+            CtlCommand::Fsthaw => ("PUT", "/vm/agent/fsthaw"),
+            CtlCommand::SetTime { .. } => ("PUT", "/vm/agent/set-time"),
+            CtlCommand::GuestShutdown { .. } => ("PUT", "/vm/agent/shutdown"),
         }
     }
 
@@ -164,6 +217,12 @@ impl CtlCommand {
                     body["timeout"] = (*t).into();
                 }
                 Ok(Some(body.to_string()))
+            }
+            CtlCommand::SetTime { time_ns: Some(ns) } => {
+                Ok(Some(serde_json::json!({ "time_ns": ns }).to_string()))
+            }
+            CtlCommand::GuestShutdown { mode } => {
+                Ok(Some(serde_json::json!({ "mode": mode }).to_string()))
             }
             CtlCommand::SetLink { id, state } => Ok(Some(
                 serde_json::json!({ "id": id, "up": state == "on" }).to_string(),
@@ -400,12 +459,21 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
             message,
         });
     }
+    if let CtlCommand::Metrics {
+        prometheus: true, ..
+    } = cmd
+    {
+        return Ok(String::from_utf8_lossy(&resp.body).trim_end().to_string());
+    }
     Ok(match json {
         Some(v) if *cmd == CtlCommand::Nics => nics_table(&v),
-        Some(v) if matches!(cmd, CtlCommand::Agent { .. }) => {
-            serde_json::to_string_pretty(&v["return"]).unwrap_or_default()
-        }
-        Some(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        Some(v) => match guest::table(cmd, &v) {
+            Some(text) => text,
+            None if matches!(cmd, CtlCommand::Agent { .. }) => {
+                serde_json::to_string_pretty(&v["return"]).unwrap_or_default()
+            }
+            None => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        },
         None => String::new(),
     })
 }
@@ -648,6 +716,14 @@ mod tests {
                 "nics",
                 "rate-limit",
                 "agent",
+                "metrics",
+                "domifaddr",
+                "fsinfo",
+                "osinfo",
+                "fsfreeze",
+                "fsthaw",
+                "set-time",
+                "guest-shutdown",
                 "set-link"
             ]
         );
