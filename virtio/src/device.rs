@@ -67,6 +67,12 @@ pub enum VirtioInterruptType {
 pub trait VirtioInterrupt: Send + Sync {
     /// Signals the driver.
     fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()>;
+    /// An EventFd that signals the driver when written, masking and all, for a backend that
+    /// signals on its own (vhost-net's call); None when there is none (no MSI-X vector), and
+    /// the device relays through [`VirtioInterrupt::trigger`] instead.
+    fn notifier(&self, _int_type: VirtioInterruptType) -> Option<EventFd> {
+        None
+    }
 }
 
 /// One enabled queue handed to [`VirtioDevice::activate`].

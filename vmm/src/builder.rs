@@ -237,6 +237,21 @@ pub fn build_vm(
         restore_vm(vm.fd(), &l.state.vm)?;
     }
 
+    // A restored VM's vCPUs (their local APICs) come back before any device runs: a device
+    // that signals as soon as it is activated (vhost-net, through its irqfd) must not have its
+    // interrupt overwritten by the restored APIC state.
+    let restored_vcpus = match restore {
+        Some(l) => Some(
+            (0..cfg.machine.vcpus)
+                .map(|id| match l.state.vcpus.get(usize::from(id)) {
+                    Some(state) => Vcpu::restore(vm.fd(), state).map_err(BuildError::from),
+                    None => Err(RegistryError::Missing(format!("vcpu{id}")).into()),
+                })
+                .collect::<Result<Vec<_>, BuildError>>()?,
+        ),
+        None => None,
+    };
+
     let power = PowerEvents::new()?;
     let devices = create_platform_devices(&vm, memory_bytes, host.serial.output(), &power)?;
     let mut registry = DeviceRegistry::new();
@@ -273,24 +288,22 @@ pub fn build_vm(
         None => boot_guest(cfg, mem, memory_bytes, pci.as_ref().map(|p| p.host))?,
     };
 
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.machine.vcpus));
-    for id in 0..cfg.machine.vcpus {
-        vcpus.push(match restore {
-            Some(l) => match l.state.vcpus.get(usize::from(id)) {
-                Some(state) => Vcpu::restore(vm.fd(), state)?,
-                None => return Err(RegistryError::Missing(format!("vcpu{id}")).into()),
-            },
-            None => Vcpu::new(
-                vm.fd(),
-                mem,
-                cpuid,
-                hv.tsc_deadline(),
-                id,
-                cfg.machine.vcpus,
-                entry,
-            )?,
-        });
-    }
+    let vcpus = match restored_vcpus {
+        Some(v) => v,
+        None => (0..cfg.machine.vcpus)
+            .map(|id| {
+                Vcpu::new(
+                    vm.fd(),
+                    mem,
+                    cpuid,
+                    hv.tsc_deadline(),
+                    id,
+                    cfg.machine.vcpus,
+                    entry,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
 
     if restore.is_some() {
         // A notification that arrived while the state was taken is replayed now that the

@@ -145,16 +145,21 @@ impl GsiRouter {
     }
 }
 
-/// MSI-X vectors of one device: each is a GSI with an irqfd.
+/// MSI-X vectors of one device: each is a GSI with an irqfd. An irqfd is attached to KVM only
+/// while its vector is unmasked: a backend that writes it directly (vhost-net) is then held
+/// back while the guest masks the vector, and the signal it left in the EventFd is delivered
+/// when the irqfd is attached again (KVM injects at once for a signalled EventFd).
 struct KvmMsiGroup {
     router: Arc<Mutex<GsiRouter>>,
+    vm: Arc<VmFd>,
     vectors: Vec<(u32, EventFd)>,
+    attached: Mutex<Vec<bool>>,
 }
 
 impl KvmMsiGroup {
     fn new(
         router: &Arc<Mutex<GsiRouter>>,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         count: u16,
     ) -> Result<KvmMsiGroup, PciWiringError> {
         let mut vectors = Vec::with_capacity(usize::from(count));
@@ -170,6 +175,8 @@ impl KvmMsiGroup {
         }
         Ok(KvmMsiGroup {
             router: router.clone(),
+            vm: vm.clone(),
+            attached: Mutex::new(vec![true; vectors.len()]),
             vectors,
         })
     }
@@ -182,10 +189,25 @@ impl KvmMsiGroup {
 }
 
 impl MsiInterruptGroup for KvmMsiGroup {
-    fn update(&self, vector: u16, msg: MsiMessage, _masked: bool) -> io::Result<()> {
-        // The transport never triggers a masked vector, so the route may stay in place.
-        let gsi = self.vector(vector)?.0;
-        lock(&self.router).set_msi(gsi, msg)
+    fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> io::Result<()> {
+        let (gsi, evt) = self.vector(vector)?;
+        lock(&self.router).set_msi(*gsi, msg)?;
+        // Attached again after the route is right: a held signal goes to the new message.
+        let mut attached = lock(&self.attached);
+        let slot = &mut attached[usize::from(vector)];
+        let errno = |e: kvm_ioctls::Error| io::Error::from_raw_os_error(e.errno());
+        if masked && *slot {
+            self.vm.unregister_irqfd(evt, *gsi).map_err(errno)?;
+            *slot = false;
+        } else if !masked && !*slot {
+            self.vm.register_irqfd(evt, *gsi).map_err(errno)?;
+            *slot = true;
+        }
+        Ok(())
+    }
+
+    fn irqfd(&self, vector: u16) -> Option<EventFd> {
+        self.vector(vector).ok()?.1.try_clone().ok()
     }
 
     fn trigger(&self, vector: u16) -> io::Result<()> {

@@ -54,6 +54,12 @@ pub trait MsiInterruptGroup: Send + Sync {
     fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> io::Result<()>;
     /// Delivers vector `vector` (e.g. writes its irqfd).
     fn trigger(&self, vector: u16) -> io::Result<()>;
+    /// An EventFd that delivers vector `vector` when written, for a backend that signals on
+    /// its own (vhost-net): the VMM keeps it from delivering while the vector is masked, and
+    /// delivers what it held once unmasked. None when the group has no such fd.
+    fn irqfd(&self, _vector: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -222,6 +228,14 @@ impl MsixConfig {
                 log::warn!("msix: delivering pending vector {v} failed: {err}");
             }
         }
+    }
+
+    /// The EventFd that delivers vector `v` directly ([`MsiInterruptGroup::irqfd`]).
+    pub fn irqfd(&self, v: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        if usize::from(v) >= self.table.len() {
+            return None;
+        }
+        self.group.irqfd(v)
     }
 
     /// Signals vector `v`: delivered now if unmasked, otherwise its pending bit is set.

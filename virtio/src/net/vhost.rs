@@ -3,12 +3,13 @@
 //!
 //! Per pair: one vhost-net instance (it drives exactly two vrings), given the guest memory table,
 //! the rings' addresses and positions, the queues' notification EventFds as its kicks (the
-//! transport stops watching those, see `VirtioDevice::offloaded_queues`), one EventFd per queue
-//! as its call, and the tap as its backend. The calls are relayed by the device through the
-//! transport's interrupt object, so MSI-X masking and the ISR behave as for our own queues.
-//! (Giving vhost the vector's KVM irqfd directly, detached while the guest masks the vector,
-//! was tried: it carried interrupts on a fresh boot but lost the receive interrupts of a
-//! restored VM, for reasons not found yet; the relay works in both.)
+//! transport stops watching those, see `VirtioDevice::offloaded_queues`), a call per queue, and
+//! the tap as its backend. The call is the queue's MSI-X irqfd itself when the interrupt object
+//! has one (the VMM detaches it from KVM while the guest masks the vector, and KVM delivers the
+//! signal it held once it is attached again), so an interrupt never passes through our process;
+//! otherwise (no vector) it is an EventFd the device relays through the interrupt object.
+//! A restored VM's vCPUs exist before its devices are activated: an interrupt vhost raises as
+//! soon as it starts must find the restored local APICs, not be overwritten by them.
 //! Link down detaches the backend (frames stay in the tap, as QEMU stops vhost then). Dropping
 //! the pair closes the vhost fd, which stops the rings; nothing else is left behind.
 
@@ -59,7 +60,8 @@ fn io(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
 
 impl<T: TapQueue> VhostPair<T> {
     /// Starts vhost-net on `rx` (queue `rx_index`) and `tx` with their kick EventFds, over
-    /// `tap`; the backend is attached only when `link_up`; `interrupt` signals the queues.
+    /// `tap`; the backend is attached only when `link_up`; `interrupt` signals the queues, and
+    /// vhost signals them through its irqfds directly where it has them.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         mem: &GuestMemoryMmap,
@@ -71,7 +73,11 @@ impl<T: TapQueue> VhostPair<T> {
         link_up: bool,
         interrupt: &Arc<dyn VirtioInterrupt>,
     ) -> Result<VhostPair<T>, (ActivateError, T)> {
-        match Self::setup(mem, acked, rx, tx) {
+        let direct = [
+            interrupt.notifier(VirtioInterruptType::Queue(rx_index)),
+            interrupt.notifier(VirtioInterruptType::Queue(rx_index + 1)),
+        ];
+        match Self::setup(mem, acked, rx, tx, direct) {
             Ok((dev, queues, calls, kicks)) => {
                 let mut p = VhostPair {
                     dev,
@@ -97,6 +103,7 @@ impl<T: TapQueue> VhostPair<T> {
         acked: u64,
         rx: (Queue, EventFd),
         tx: (Queue, EventFd),
+        direct: [Option<EventFd>; 2],
     ) -> Result<Started, ActivateError> {
         let dev = VhostNetFd::new(Arc::new(mem.clone())).map_err(io("open /dev/vhost-net"))?;
         dev.set_owner().map_err(io("set owner"))?;
@@ -140,7 +147,8 @@ impl<T: TapQueue> VhostPair<T> {
                 .map_err(io("set ring addresses"))?;
             dev.set_vring_base(i, q.next_avail())
                 .map_err(io("set ring base"))?;
-            dev.set_vring_call(i, &calls[i])
+            // The irqfd when there is one; our relay otherwise (it then never fires).
+            dev.set_vring_call(i, direct[i].as_ref().unwrap_or(&calls[i]))
                 .map_err(io("set call eventfd"))?;
             dev.set_vring_kick(i, kick)
                 .map_err(io("set kick eventfd"))?;

@@ -65,6 +65,23 @@ impl VirtioInterrupt for PciInterrupt {
             .unwrap_or_else(PoisonError::into_inner)
             .trigger(vector)
     }
+
+    fn notifier(&self, int_type: VirtioInterruptType) -> Option<vmm_sys_util::eventfd::EventFd> {
+        let vector = match int_type {
+            VirtioInterruptType::Config => self.config_vector.load(Ordering::SeqCst),
+            VirtioInterruptType::Queue(q) => self
+                .queue_vectors
+                .get(usize::from(q))?
+                .load(Ordering::SeqCst),
+        };
+        if vector == VIRTIO_MSI_NO_VECTOR {
+            return None;
+        }
+        self.msix
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .irqfd(vector)
+    }
 }
 
 /// Keeps `Arc<PciInterrupt>` usable as `Arc<dyn VirtioInterrupt>`.
