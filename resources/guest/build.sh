@@ -81,6 +81,9 @@ gver=$(basename "$(ls "$T"/g/boot/vmlinuz-*)"); gver=${gver#vmlinuz-}
 R=$T/root
 mkdir -p "$R"/{proc,sys,dev,tmp,run,var/run,var/log,etc/init.d,etc/acpi/PWRF,mnt,root}
 busybox_root "$R"
+# qemu-ga's guest-set-time refuses to run without /sbin/hwclock (it syncs the RTC after setting
+# the system clock), as on any distro.
+ln -sf ../bin/busybox "$R/sbin/hwclock"
 mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
 kmods "$T/k" "$R/lib/modules/$kver" $MODULES
 echo "$MODULES" | tr ' ' '\n' > "$R/etc/modules"
