@@ -455,7 +455,7 @@ impl Console {
         self.fds_changed = true;
         self.release_pending = true;
         let p = &mut self.ports[i];
-        p.data.input.clear();
+        p.data.clear_input();
         self.tell_host_open(i);
         self.accept(i);
     }
@@ -598,7 +598,7 @@ impl VirtioDevice for Console {
             p.proto = Proto::default();
             // Host input read ahead belonged to the old driver's session; guest output already
             // taken still goes to the peer.
-            p.data.input.clear();
+            p.data.clear_input();
         }
         self.fds_changed = true;
     }

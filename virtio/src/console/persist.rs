@@ -61,7 +61,7 @@ impl Console {
                     guest_open: p.proto.guest_open,
                     host_open_told: p.proto.host_open_told,
                     pending_output: p.data.out[p.data.out_pos..].to_vec(),
-                    pending_input: p.data.input.clone(),
+                    pending_input: p.data.pending_input().to_vec(),
                 })
                 .collect(),
             control: self.ctrl_out.iter().map(ControlMsg::encode).collect(),
@@ -139,7 +139,7 @@ impl Console {
             };
             port.data.out = saved.pending_output.clone();
             port.data.out_pos = 0;
-            port.data.input = saved.pending_input.clone();
+            port.data.set_pending_input(&saved.pending_input);
         }
         self.device_ready = s.device_ready;
         self.ctrl_out = control.into();

@@ -173,8 +173,11 @@ pub struct PortData {
     /// Guest output the backend has not taken yet (from `out_pos`).
     pub out: Vec<u8>,
     pub out_pos: usize,
-    /// Host input read but not yet in a guest buffer.
-    pub input: Vec<u8>,
+    /// Host input: read into `in_buf` (allocated once, [`READ_CHUNK`] bytes), not yet in a
+    /// guest buffer from `in_start` to `in_end`.
+    in_buf: Vec<u8>,
+    in_start: usize,
+    in_end: usize,
     /// Bytes discarded from over-long chains.
     pub truncated: u64,
     /// Guest output discarded for want of a peer.
@@ -185,6 +188,32 @@ pub struct PortData {
 }
 
 impl PortData {
+    /// Host input read but not yet in a guest buffer.
+    pub fn pending_input(&self) -> &[u8] {
+        &self.in_buf[self.in_start..self.in_end]
+    }
+
+    /// Puts back host input read ahead (a restore); at most [`READ_CHUNK`] bytes are kept.
+    pub fn set_pending_input(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(READ_CHUNK);
+        self.ensure_in_buf();
+        self.in_buf[..n].copy_from_slice(&bytes[..n]);
+        self.in_start = 0;
+        self.in_end = n;
+    }
+
+    /// Forgets host input read ahead.
+    pub fn clear_input(&mut self) {
+        self.in_start = 0;
+        self.in_end = 0;
+    }
+
+    fn ensure_in_buf(&mut self) {
+        if self.in_buf.len() < READ_CHUNK {
+            self.in_buf.resize(READ_CHUNK, 0);
+        }
+    }
+
     /// Sends pending guest output, then takes chains from `tx` until the backend pushes back.
     pub fn drain_tx(
         &mut self,
@@ -258,22 +287,17 @@ impl PortData {
             if !has_buffer(rx, mem)? && !rx.enable_notification(mem)? {
                 return Ok(());
             }
-            if self.input.is_empty() {
-                self.input.resize(READ_CHUNK, 0);
-                match backend.read(&mut self.input) {
-                    ReadOutcome::Data(n) => self.input.truncate(n),
-                    ReadOutcome::WouldBlock => {
-                        self.input.clear();
-                        return Ok(());
-                    }
+            if self.in_start == self.in_end {
+                self.ensure_in_buf();
+                self.clear_input();
+                match backend.read(&mut self.in_buf) {
+                    ReadOutcome::Data(0) => return Ok(()),
+                    ReadOutcome::Data(n) => self.in_end = n.min(READ_CHUNK),
+                    ReadOutcome::WouldBlock => return Ok(()),
                     ReadOutcome::Closed => {
-                        self.input.clear();
                         progress.hung_up = true;
                         return Ok(());
                     }
-                }
-                if self.input.is_empty() {
-                    return Ok(());
                 }
             }
             let Some(chain) = rx.pop_descriptor_chain(mem) else {
@@ -282,14 +306,16 @@ impl PortData {
             let head = chain.head_index();
             let mut written = 0usize;
             for desc in chain {
-                if !desc.is_write_only() || written == self.input.len() {
+                let pending = self.in_end - self.in_start;
+                if !desc.is_write_only() || written == pending {
                     continue;
                 }
-                let n = (desc.len() as usize).min(self.input.len() - written);
-                if let Err(e) = mem.write_slice(&self.input[written..written + n], desc.addr()) {
+                let n = (desc.len() as usize).min(pending - written);
+                let from = self.in_start + written;
+                if let Err(e) = mem.write_slice(&self.in_buf[from..from + n], desc.addr()) {
                     rx.add_used(mem, head, written as u32)?;
                     progress.rx_used = true;
-                    self.input.drain(..written);
+                    self.in_start += written;
                     return Err(e.into());
                 }
                 written += n;
@@ -297,7 +323,7 @@ impl PortData {
             rx.add_used(mem, head, written as u32)?;
             progress.rx_used = true;
             self.to_guest += written as u64;
-            self.input.drain(..written);
+            self.in_start += written;
         }
     }
 }
