@@ -260,3 +260,57 @@ def test_built_in_agent(box, vms, up_regex):
     status, out = ctl(box, "agent", "guest-shutdown")
     assert status == 0, out
     assert vm.wait_exit(120) == 0
+
+
+@tb.retry_on_flake
+def test_console_and_agent_survive_snapshot_and_restore(box, vms, up_regex):
+    """A VM with the built-in agent and a data channel is saved, its process ends, and a new one
+    restores it: the channel's socket is there again and carries the guest's output, the agent
+    answers (a new session, resynchronised), and `set-time` puts right the guest clock that
+    stood still while the VM was a file."""
+    state = "/tmp/console-snap.state"
+    box.check(f"rm -f {state} {DATA_SOCK}")
+    cfg = tb.default_config()
+    cfg["agent"] = True
+    cfg["channels"] = [{"id": "data", "name": DATA_NAME, "socket": DATA_SOCK}]
+    vm = vms.start(cfg, ["--api-socket", API])
+    boot_to_shell(vm, up_regex)
+    assert "GUEST-AGENT-UP" in vm.log()
+    port_dev(vm, DATA_NAME)
+    status, out = ctl(box, "agent", "guest-ping")
+    assert status == 0 and json.loads(out) == {}, out
+    status, out = ctl(box, "snapshot", state, timeout=600)
+    assert status == 0, out
+    status, out = ctl(box, "shutdown")
+    assert status == 0, out
+    assert vm.wait_exit(60) == 0
+    time.sleep(20)   # the guest's clock stands still while it is a file
+
+    r = vms.start(argv=["vmm", "--incoming", f"file:{state}", "--api-socket", API])
+    r.wait_shell(300)
+    # The agent: a fresh session on the restored channel.
+    deadline = time.monotonic() + 60
+    while True:
+        status, out = ctl(box, "agent", "guest-ping", "--timeout", "5")
+        if status == 0:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(1)
+    assert json.loads(out) == {}, out
+    lag = int(box.check("date +%s").strip()) - int(r.guest_cmd("date +%s").strip())
+    status, out = ctl(box, "set-time")
+    assert status == 0 and "Guest clock set" in out, out
+    after = int(box.check("date +%s").strip()) - int(r.guest_cmd("date +%s").strip())
+    assert abs(after) < 10, (lag, after)
+    # The data channel's socket was made again by the restored process and carries data.
+    box.check(f"rm -f /tmp/chan.out; (socat -u UNIX-CONNECT:{DATA_SOCK} - > /tmp/chan.out "
+              f"2>&1 &) ; sleep 1")
+    r.guest_cmd(f"echo HELLO-AFTER-RESTORE > /dev/virtio-ports/{DATA_NAME}; echo SENT")
+    deadline = time.monotonic() + 30
+    while "HELLO-AFTER-RESTORE" not in box.run("cat /tmp/chan.out")[1]:
+        assert time.monotonic() < deadline, box.run("cat /tmp/chan.out")[1]
+        time.sleep(0.5)
+    box.run("pkill -f 'UNIX-CONNECT:/tmp/data.sock'")
+    r.send("poweroff")
+    assert r.wait_exit(60) == 0
+    box.run(f"rm -f {state}")
