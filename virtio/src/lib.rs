@@ -15,10 +15,13 @@
 //! Queue logic (e.g. [`block::BlockQueueHandler`]) is kept apart from the event glue so it can be
 //! driven without KVM through `virtio_queue::mock::MockSplitQueue`.
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod device;
 pub mod net;
+#[cfg(test)]
+mod test_rig;
 pub mod transport;
 
 pub use device::{

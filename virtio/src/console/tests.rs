@@ -5,132 +5,22 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::control::*;
 use super::*;
-use crate::device::ActiveQueue;
+use crate::test_rig::*;
 
-const WRITE: u16 = 2;
-const QSIZE: u16 = 256;
-const QSTRIDE: u64 = 0x4000;
-const BUF: u64 = 0x10_0000;
-
-#[derive(Default)]
-struct Irqs(Mutex<Vec<VirtioInterruptType>>);
-impl VirtioInterrupt for Irqs {
-    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
-        self.0.lock().unwrap().push(t);
-        Ok(())
-    }
+/// The console's control queue, as its driver uses it.
+trait ConsoleRig {
+    fn send_ctrl(&mut self, dev: &mut Console, msg: ControlMsg);
+    fn ctrl_msgs(&mut self, dev: &mut Console) -> Vec<ControlMsg>;
 }
 
-struct Rig {
-    /// Leaked: the mock queues borrow it for the whole test (creating a mock again would
-    /// reset its ring indices).
-    mem: &'static GuestMemoryMmap,
-    mocks: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
-    /// Next free descriptor slot and next free buffer address, per queue.
-    slots: Vec<u16>,
-    next_buf: u64,
-    /// Used entries already read, per queue.
-    seen: Vec<u16>,
-    /// Buffer address by (queue, descriptor slot).
-    addrs: std::collections::HashMap<(usize, u16), u64>,
-}
-
-impl Rig {
-    fn new(queues: usize) -> Rig {
-        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x400_0000)]).unwrap(),
-        ));
-        Rig {
-            mem,
-            mocks: (0..queues)
-                .map(|q| MockSplitQueue::create(mem, GuestAddress(q as u64 * QSTRIDE), QSIZE))
-                .collect(),
-            slots: vec![0; queues],
-            next_buf: BUF,
-            seen: vec![0; queues],
-            addrs: Default::default(),
-        }
-    }
-
-    fn mock(&self, q: usize) -> &MockSplitQueue<'static, GuestMemoryMmap> {
-        &self.mocks[q]
-    }
-
-    fn activate(&self, dev: &mut Console) {
-        let n = dev.queue_max_sizes().len();
-        let mut queues = Vec::new();
-        for q in 0..n {
-            let m = self.mock(q);
-            // As Linux negotiates it: the driver notifies only past the device's avail_event.
-            let mut queue: Queue = m.create_queue().unwrap();
-            queue.set_event_idx(true);
-            queues.push(ActiveQueue {
-                index: q as u16,
-                queue,
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            });
-        }
-        dev.activate(ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: Arc::new(Irqs::default()),
-            acked_features: dev.avail_features(),
-        })
-        .unwrap();
-    }
-
-    fn buf(&mut self, len: u32) -> u64 {
-        let a = self.next_buf;
-        self.next_buf += u64::from(len).next_multiple_of(0x1000);
-        a
-    }
-
-    /// Posts a chain of one descriptor on queue `q`: readable with `data`, or writable of `len`.
-    fn post(&mut self, q: usize, data: Option<&[u8]>, len: u32) -> u64 {
-        let len = data.map_or(len, |d| d.len() as u32);
-        let addr = self.buf(len);
-        let flags = match data {
-            Some(d) => {
-                self.mem.write_slice(d, GuestAddress(addr)).unwrap();
-                0
-            }
-            None => WRITE,
-        };
-        let slot = self.slots[q];
-        self.slots[q] += 1;
-        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
-        self.mock(q).add_desc_chains(&[d], slot).unwrap();
-        addr
-    }
-
+impl ConsoleRig for Rig {
     fn send_ctrl(&mut self, dev: &mut Console, msg: ControlMsg) {
         self.post(CTRL_TX as usize, Some(&msg.encode()), 0);
         dev.process_queue(CTRL_TX);
-    }
-
-    /// New used entries of queue `q`: (descriptor id, length).
-    fn used(&mut self, q: usize) -> Vec<(u32, u32)> {
-        let base = self.mock(q).used_addr();
-        let idx: u16 = self.mem.read_obj(base.unchecked_add(2)).unwrap();
-        let from = self.seen[q];
-        self.seen[q] = idx;
-        (from..idx)
-            .map(|i| {
-                let e = base.unchecked_add(4 + 8 * u64::from(i));
-                (
-                    self.mem.read_obj(e).unwrap(),
-                    self.mem.read_obj(e.unchecked_add(4)).unwrap(),
-                )
-            })
-            .collect()
     }
 
     /// Control messages the device handed over (posting a buffer for each one waiting).
@@ -153,21 +43,6 @@ impl Rig {
                 m
             })
             .collect()
-    }
-
-    /// The avail_event the device published for queue `q` (after the used ring).
-    fn avail_event(&self, q: usize) -> u16 {
-        let at = self
-            .mock(q)
-            .used_addr()
-            .unchecked_add(4 + 8 * u64::from(QSIZE));
-        self.mem.read_obj(at).unwrap()
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-        v
     }
 }
 
