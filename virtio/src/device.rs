@@ -129,6 +129,8 @@ pub enum VirtioDeviceState {
     Net(crate::net::NetState),
     /// virtio-console.
     Console(crate::console::ConsoleState),
+    /// virtio-balloon.
+    Balloon(crate::balloon::BalloonState),
 }
 
 impl VirtioDeviceState {
@@ -138,6 +140,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Block(_) => "block",
             VirtioDeviceState::Net(_) => "net",
             VirtioDeviceState::Console(_) => "console",
+            VirtioDeviceState::Balloon(_) => "balloon",
         }
     }
 }
