@@ -130,6 +130,21 @@ pub enum VmmAction {
     /// Every disk's counters (QMP `query-blockstats`, HMP `info blockstats`); answered with
     /// [`VmmResponse::BlockStats`].
     QueryBlockStats,
+    /// Ask the guest to keep `target` bytes of RAM through the balloon (QMP `balloon`, HMP
+    /// `balloon`, REST `PUT /vm/balloon`, `vmm ctl balloon N`). With `clamp` (QEMU's QMP) a
+    /// target above the VM's memory means all of it; otherwise it is refused.
+    SetBalloon {
+        /// Bytes of RAM the guest should keep.
+        target: u64,
+        /// Take a target above the VM's memory as all of it.
+        clamp: bool,
+    },
+    /// The balloon and the guest's statistics (QMP `query-balloon` and QOM `guest-stats`, HMP
+    /// `info balloon`, REST `GET /vm/balloon`); answered with [`VmmResponse::Balloon`].
+    GetBalloon,
+    /// Seconds between two requests for the guest's statistics, 0 for none (QOM
+    /// `guest-stats-polling-interval`, REST `PUT /vm/balloon`).
+    SetBalloonStatsInterval(u32),
 }
 
 /// The guest-agent operations operators use daily, each one agent command.
@@ -205,6 +220,9 @@ impl VmmAction {
             VmmAction::AgentVerb(_) => "agent",
             VmmAction::GetMetrics => "metrics",
             VmmAction::QueryBlockStats => "query-blockstats",
+            VmmAction::SetBalloon { .. } => "balloon",
+            VmmAction::GetBalloon => "query-balloon",
+            VmmAction::SetBalloonStatsInterval(_) => "balloon-stats-interval",
         }
     }
 }
@@ -434,6 +452,8 @@ pub enum VmmResponse {
     Metrics(Box<crate::metrics::VmMetrics>),
     /// Answer to `QueryBlockStats`: every disk, in PCI slot order.
     BlockStats(Vec<crate::metrics::DiskStats>),
+    /// Answer to `GetBalloon`.
+    Balloon(Box<crate::balloon::BalloonInfo>),
 }
 
 /// Why an action was refused or failed.
@@ -461,6 +481,9 @@ pub enum ActionError {
     /// No device has this id (QEMU's `DeviceNotFound`).
     #[error("Device '{0}' not found")]
     DeviceNotFound(String),
+    /// The VM has no balloon (QEMU's `DeviceNotActive`, with its text).
+    #[error("No balloon device has been activated")]
+    NoBalloon,
 }
 
 impl VmState {
@@ -485,8 +508,16 @@ impl VmState {
             (Created | Paused | PostMigrate | Incoming, AgentCommand { .. } | AgentVerb(_)) => {
                 Err(refuse())
             }
-            // Figures exist whenever the VM does.
-            (Created | Running | Paused | PostMigrate, GetMetrics | QueryBlockStats) => Ok(self),
+            // Figures exist whenever the VM does; the balloon can be set whenever it exists
+            // (a stopped guest acts on it when it runs again, as under QEMU).
+            (
+                Created | Running | Paused | PostMigrate,
+                GetMetrics
+                | QueryBlockStats
+                | SetBalloon { .. }
+                | GetBalloon
+                | SetBalloonStatsInterval(_),
+            ) => Ok(self),
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).
@@ -570,6 +601,12 @@ pub enum VmEvent {
         id: String,
         /// Whether the guest has it open now.
         open: bool,
+    },
+    /// The balloon's size changed: the guest's RAM is now `actual` bytes (QMP
+    /// `BALLOON_CHANGE`, at most once a second).
+    BalloonChange {
+        /// The RAM the guest has, bytes.
+        actual: u64,
     },
 }
 

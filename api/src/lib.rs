@@ -6,6 +6,7 @@
 //! that turns these types into device constructor arguments.
 
 pub mod action;
+pub mod balloon;
 pub mod config;
 pub mod controller;
 pub mod http;
@@ -19,7 +20,7 @@ pub use action::{
     VersionInfo, VmEvent, VmInfo, VmState, VmmAction, VmmResponse,
 };
 pub use config::{
-    BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat, MachineConfig,
-    MetricsConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig, MAX_VCPUS,
-    MIN_MEMORY_MIB,
+    BalloonConfig, BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat,
+    MachineConfig, MetricsConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig,
+    MAX_VCPUS, MIN_MEMORY_MIB,
 };

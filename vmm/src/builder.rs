@@ -194,7 +194,12 @@ pub struct RunningVm {
     pub nics: Vec<NicHandle>,
     /// The built-in guest agent channel, if any.
     pub agent: Option<AgentHandle>,
+    /// The balloon's control-plane half, if any.
+    pub balloon: Option<Arc<virtio::balloon::BalloonShared>>,
 }
+
+/// The balloon's device id (its QOM path is /machine/peripheral/balloon0, as libvirt names it).
+pub const BALLOON_ID: &str = "balloon0";
 
 fn open(field: &'static str, path: &Path) -> Result<File, BuildError> {
     File::open(path).map_err(|source| BuildError::Open {
@@ -214,6 +219,11 @@ pub struct HostBackends<'a> {
     pub consoles: Option<&'a ConsoleBackends>,
     /// Each disk's I/O counters, in slot order (they outlive the devices).
     pub disk_stats: &'a [Arc<virtio::block::BlockStats>],
+    /// The balloon's control-plane half and what it offers, if the VM has one.
+    pub balloon: Option<(
+        &'a Arc<virtio::balloon::BalloonShared>,
+        virtio::balloon::BalloonOptions,
+    )>,
 }
 
 /// Builds and starts one incarnation of the VM `cfg` describes, booting its kernel, or (with
@@ -261,6 +271,11 @@ pub fn build_vm(
     virtio_devices.extend(host.nets.devices()?);
     if let Some(c) = host.consoles {
         virtio_devices.push(c.device()?);
+    }
+    if let Some((shared, options)) = host.balloon {
+        let dev =
+            virtio::balloon::Balloon::new(shared.clone(), options).map_err(BuildError::EventFd)?;
+        virtio_devices.push((BALLOON_ID.to_string(), Box::new(dev)));
     }
     let saved = restore.map(|l| &l.state.devices);
     let pci = match virtio_devices.is_empty() {
@@ -347,6 +362,7 @@ pub fn build_vm(
         vcpu_evt,
         nics: host.nets.handles(),
         agent: host.consoles.and_then(ConsoleBackends::agent),
+        balloon: host.balloon.map(|(s, _)| s.clone()),
     })
 }
 

@@ -77,6 +77,11 @@ pub struct Cli {
     #[arg(long)]
     pub agent: bool,
 
+    /// Add a memory balloon (virtio-balloon): on, or
+    /// deflate_on_oom=on,free_page_reporting=on,stats_interval_s=2 ("balloon": {...}).
+    #[arg(long, value_name = "SPEC")]
+    pub balloon: Option<api::BalloonConfig>,
+
     /// What a guest reboot does: exit (the default) or restart.
     #[arg(long, value_name = "ACTION")]
     pub on_reboot: Option<OnReboot>,
@@ -210,11 +215,15 @@ impl Cli {
                 on_reboot_given,
             });
         };
-        if self.console.is_some() || !self.channel.is_empty() || self.agent {
+        if self.console.is_some()
+            || !self.channel.is_empty()
+            || self.agent
+            || self.balloon.is_some()
+        {
             return Err(ConfigError::Invalid {
                 field: "console",
-                reason: "--console, --channel and --agent cannot be given with --incoming: the \
-                         saved VM brings its own console and channels"
+                reason: "--console, --channel, --agent and --balloon cannot be given with \
+                         --incoming: the saved VM brings its own devices"
                     .into(),
             });
         }
@@ -300,6 +309,9 @@ impl Cli {
         }
         cfg.channels.extend(self.channel);
         cfg.agent |= self.agent;
+        if let Some(b) = self.balloon {
+            cfg.balloon = Some(b);
+        }
         cfg.assign_macs();
         cfg.validate(host_memory_mib)?;
         Ok(cfg)

@@ -259,6 +259,28 @@ fn run_vm(
     // The console's and the channels' sockets too: a client stays connected across reboots.
     let consoles =
         vconsole::ConsoleBackends::open(&cfg, shared.signal.clone(), shared.bus.clone())?;
+    // The balloon's target and statistics outlive resets, as QEMU's do.
+    let balloon = match cfg.balloon {
+        Some(b) => {
+            let half = virtio::balloon::BalloonShared::new(
+                cfg.machine.memory_mib << 20,
+                b.stats_interval_s,
+            )
+            .map_err(|e| VmmError::EventLoop(format!("balloon: {e}")))?;
+            let bus = shared.bus.clone();
+            half.set_listener(Box::new(move |actual| {
+                bus.publish(VmEvent::BalloonChange { actual })
+            }));
+            Some((
+                half,
+                virtio::balloon::BalloonOptions {
+                    deflate_on_oom: b.deflate_on_oom,
+                    free_page_reporting: b.free_page_reporting,
+                },
+            ))
+        }
+        None => None,
+    };
     // The counters and samples outlive resets, as QEMU's do.
     let meter = Rc::new(std::cell::RefCell::new(metrics::Meter::new(
         std::time::Duration::from_secs(cfg.metrics.interval_s),
@@ -267,6 +289,7 @@ fn run_vm(
             .collect(),
         nets.handles(),
         consoles.as_ref().and_then(vconsole::ConsoleBackends::agent),
+        balloon.as_ref().map(|(b, _)| b.clone()),
     )));
     let disk_stats = meter.borrow().disk_stats();
     loop {
@@ -278,6 +301,7 @@ fn run_vm(
             nets: &nets,
             consoles: consoles.as_ref(),
             disk_stats: &disk_stats,
+            balloon: balloon.as_ref().map(|(s, o)| (s, *o)),
         };
         let running = build_vm(hv, cpuid, &cfg, &host, paused, loaded.as_deref())?;
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use api::metrics::{BlockDeviceStats, DiskRates, DiskStats, NicRates, Partition, VmMetrics};
 use serde_json::{json, Value};
+use virtio::balloon::BalloonShared;
 use virtio::block::{BlockStats, BlockStatsSnapshot};
 
 use crate::agent::AgentWorker;
@@ -53,6 +54,7 @@ pub struct Meter {
     nics: Vec<NicHandle>,
     samples: VecDeque<Sample>,
     guest: Option<GuestPoller>,
+    balloon: Option<Arc<BalloonShared>>,
 }
 
 impl Meter {
@@ -63,6 +65,7 @@ impl Meter {
         disks: Vec<(String, Arc<BlockStats>)>,
         nics: Vec<NicHandle>,
         agent: Option<AgentHandle>,
+        balloon: Option<Arc<BalloonShared>>,
     ) -> Meter {
         Meter {
             period,
@@ -70,6 +73,7 @@ impl Meter {
             nics,
             samples: VecDeque::new(),
             guest: agent.and_then(|a| GuestPoller::start(a, period).ok()),
+            balloon,
         }
     }
 
@@ -116,6 +120,7 @@ impl Meter {
     /// may take up to [`GUEST_WAIT`] (then `reply` is called on a thread of its own).
     pub fn request(&mut self, tids: &[i32], reply: Box<dyn FnOnce(VmMetrics) + Send>) {
         let mut m = self.host_figures(tids);
+        let balloon = self.balloon.clone();
         let Some(poller) = &self.guest else {
             for f in GUEST_FIGURES {
                 m.unavailable(
@@ -123,11 +128,13 @@ impl Meter {
                     "the VM has no guest agent channel (start it with --agent)",
                 );
             }
+            fill_from_balloon(&mut m, balloon.as_deref());
             return reply(m);
         };
         match poller.request() {
             Ok(result) => {
                 fill_guest(&mut m, result);
+                fill_from_balloon(&mut m, balloon.as_deref());
                 reply(m)
             }
             Err(generation) => {
@@ -137,6 +144,7 @@ impl Meter {
                     .spawn(move || {
                         let result = inner.wait(generation, GUEST_WAIT);
                         fill_guest(&mut m, result);
+                        fill_from_balloon(&mut m, balloon.as_deref());
                         reply(m)
                     });
                 if let Err(e) = spawned {
@@ -416,6 +424,34 @@ fn qemu_stats(s: &BlockStatsSnapshot) -> BlockDeviceStats {
         account_failed: true,
         ..Default::default()
     }
+}
+
+/// Memory figures from the balloon's statistics when the agent could not give them: total and
+/// available memory, if the guest sent them within the last three polling intervals.
+fn fill_from_balloon(m: &mut VmMetrics, balloon: Option<&BalloonShared>) {
+    let Some(b) = balloon else {
+        return;
+    };
+    if m.mem_usage.is_some() {
+        return;
+    }
+    let stats = b.stats();
+    let fresh = u64::from(b.stats_interval()).saturating_mul(3).max(10);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Tags 5 and 6: total and available memory, bytes.
+    let (Some(total), Some(available)) = (stats.get(5), stats.get(6)) else {
+        return;
+    };
+    if b.stats_interval() == 0 || now.saturating_sub(stats.last_update) > fresh || total == 0 {
+        return;
+    }
+    let used = total.saturating_sub(available);
+    m.mem_usage = Some(used as f64 / (1024.0 * 1024.0));
+    m.mem_usage_rate = Some(used as f64 * 100.0 / total as f64);
+    m.unavailable.remove("memUsage");
+    m.unavailable.remove("memUsageRate");
 }
 
 /// What the guest agent told about the guest, each part with its own failure.

@@ -198,6 +198,32 @@ fn nic_info(n: &crate::net::NicHandle) -> api::action::NicInfo {
     }
 }
 
+/// The balloon as the control plane reports it.
+fn balloon_info(b: &virtio::balloon::BalloonShared) -> api::balloon::BalloonInfo {
+    let stats = b.stats();
+    let c = b.counters();
+    api::balloon::BalloonInfo {
+        memory_bytes: b.memory_bytes(),
+        target_bytes: b.target(),
+        actual_bytes: b.actual(),
+        stats_interval_s: b.stats_interval(),
+        stats: api::balloon::QEMU_STAT_NAMES
+            .iter()
+            .enumerate()
+            .filter_map(|(tag, n)| stats.get(tag).map(|v| (n.to_string(), v)))
+            .collect(),
+        last_update: stats.last_update,
+        counters: api::balloon::BalloonCounters {
+            inflated_pages: c.inflated_pages,
+            deflated_pages: c.deflated_pages,
+            reported_bytes: c.reported_bytes,
+            invalid_pages: c.invalid_pages,
+            duplicate_pages: c.duplicate_pages,
+            bad_requests: c.bad_requests,
+        },
+    }
+}
+
 /// Subscriber for the VM's own events and the control plane. Dropping it stops the vCPUs.
 struct Control {
     vm: RunningVm,
@@ -400,6 +426,22 @@ impl Control {
             }
             VmmAction::QueryBlockStats => {
                 return Ok(VmmResponse::BlockStats(self.meter.borrow().block_stats()))
+            }
+            VmmAction::SetBalloon { target, clamp } => {
+                let b = self.vm.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
+                let target = match clamp {
+                    true => (*target).min(b.memory_bytes()),
+                    false => *target,
+                };
+                b.set_target(target).map_err(|e| failed(e.to_string()))?;
+            }
+            VmmAction::GetBalloon => {
+                let b = self.vm.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
+                return Ok(VmmResponse::Balloon(Box::new(balloon_info(b))));
+            }
+            VmmAction::SetBalloonStatsInterval(seconds) => {
+                let b = self.vm.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
+                b.set_stats_interval(*seconds);
             }
             // Answered by the agent worker or the meter (see `process`), never here.
             VmmAction::AgentCommand { .. } | VmmAction::AgentVerb(_) | VmmAction::GetMetrics => {

@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod balloon;
 mod console;
 mod disk;
 mod net;
 
+pub use balloon::{BalloonConfig, MAX_STATS_INTERVAL_S};
 pub use console::{ChannelConfig, AGENT_PORT_NAME, CHANNEL_NAME_MAX, MAX_CHANNELS};
 pub use disk::{CacheMode, DiskConfig, DiskFormat, DISK_SERIAL_MAX};
 pub use net::{parse_mac, NetConfig, RateLimiterConfig, TokenBucketConfig, NET_MAX_QUEUES};
@@ -71,6 +73,9 @@ pub struct VmConfig {
     /// (REST `PUT /vm/agent`, `vmm ctl agent`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub agent: bool,
+    /// The memory balloon (virtio-balloon), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// How the VMM samples the VM's figures (`GET /vm/metrics`, `GET /metrics`).
     #[serde(default, skip_serializing_if = "MetricsConfig::is_default")]
     pub metrics: MetricsConfig,
@@ -495,6 +500,9 @@ impl VmConfig {
                 field: "metrics.interval_s",
                 reason: format!("{} is out of range (1..=3600)", self.metrics.interval_s),
             });
+        }
+        if let Some(b) = &self.balloon {
+            b.validate()?;
         }
         self.validate_disks(check_boot_files)?;
         self.validate_nets()?;

@@ -56,6 +56,12 @@ pub enum Route {
     GetMetrics,
     /// `GET /metrics`: the same in Prometheus' text format.
     Prometheus,
+    /// `GET /vm/balloon`: the balloon and the guest's memory statistics.
+    GetBalloon,
+    /// `PUT /vm/balloon` with `{"target_mib": N}`: the RAM the guest should keep.
+    SetBalloon,
+    /// `PUT /vm/balloon/stats-interval` with `{"stats_interval_s": N}` (0: no polling).
+    BalloonStatsInterval,
 }
 
 /// Every route: method, path, operation.
@@ -82,6 +88,13 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/agent/shutdown", Route::AgentShutdown),
     ("GET", "/vm/metrics", Route::GetMetrics),
     ("GET", "/metrics", Route::Prometheus),
+    ("GET", "/vm/balloon", Route::GetBalloon),
+    ("PUT", "/vm/balloon", Route::SetBalloon),
+    (
+        "PUT",
+        "/vm/balloon/stats-interval",
+        Route::BalloonStatsInterval,
+    ),
 ];
 
 impl Route {
@@ -98,6 +111,7 @@ impl Route {
                 | Route::AgentOs
                 | Route::GetMetrics
                 | Route::Prometheus
+                | Route::GetBalloon
         )
     }
 
@@ -136,7 +150,52 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::AgentSetTime => set_time_body(body),
         Route::AgentShutdown => agent_shutdown_body(body),
         Route::GetMetrics | Route::Prometheus => plain(VmmAction::GetMetrics),
+        Route::GetBalloon => plain(VmmAction::GetBalloon),
+        Route::SetBalloon => balloon_body(body),
+        Route::BalloonStatsInterval => stats_interval_body(body),
     }
+}
+
+/// `{"target_mib": N}`: N MiB of RAM for the guest, at least 1.
+fn balloon_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        target_mib: u64,
+    }
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))?;
+    if b.target_mib == 0 || b.target_mib > (1 << 24) {
+        return Err(Response::error(
+            400,
+            "`target_mib` is the guest's RAM in MiB: at least 1, at most the VM's memory",
+        ));
+    }
+    Ok(VmmAction::SetBalloon {
+        target: b.target_mib << 20,
+        clamp: false,
+    })
+}
+
+/// `{"stats_interval_s": N}`, 0 to stop polling.
+fn stats_interval_body(body: &[u8]) -> Result<VmmAction, Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        stats_interval_s: u32,
+    }
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))?;
+    if b.stats_interval_s > crate::config::MAX_STATS_INTERVAL_S {
+        return Err(Response::error(
+            400,
+            format!(
+                "`stats_interval_s` is out of range (0..={})",
+                crate::config::MAX_STATS_INTERVAL_S
+            ),
+        ));
+    }
+    Ok(VmmAction::SetBalloonStatsInterval(b.stats_interval_s))
 }
 
 /// An optional JSON object body of type `T` (`{}` or nothing gives its defaults).
@@ -485,12 +544,19 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         Ok(VmmResponse::Metrics(m)) if route == Route::Prometheus => {
             Response::prometheus(m.to_prometheus())
         }
+        Ok(VmmResponse::Balloon(b)) if route == Route::GetBalloon => {
+            Response::ok(serde_json::to_value(&b).unwrap_or(Value::Null))
+        }
         Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),
         Err(e @ ActionError::InvalidState { .. }) => Response::error(409, e.to_string()),
         Err(e @ ActionError::Failed { .. }) => Response::error(500, e.to_string()),
         Err(e @ ActionError::Unavailable) => Response::error(503, e.to_string()),
         Err(e @ ActionError::DeviceNotFound(_)) => Response::error(404, e.to_string()),
+        Err(ActionError::NoBalloon) => Response::error(
+            404,
+            "the VM has no balloon device (start it with --balloon or \"balloon\": {})",
+        ),
     }
 }
 

@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use super::balloon;
 use super::events::event_json;
 use super::hmp::{self, HmpCommand};
 use super::migration;
@@ -59,7 +60,13 @@ impl CommandError {
 
 impl From<ActionError> for CommandError {
     fn from(e: ActionError) -> CommandError {
-        CommandError::generic(e.to_string())
+        match e {
+            ActionError::NoBalloon => CommandError {
+                class: ErrorClass::DeviceNotActive,
+                desc: e.to_string(),
+            },
+            e => CommandError::generic(e.to_string()),
+        }
     }
 }
 
@@ -73,6 +80,8 @@ enum ArgType {
     Array,
     /// Checked by this function, given the argument's name and value.
     Custom(fn(&str, &Value) -> Result<(), CommandError>),
+    /// Any JSON value (checked by the command).
+    Any,
 }
 
 struct Arg {
@@ -182,6 +191,58 @@ const COMMANDS: &[(&str, &[Arg])] = &[
         }],
     ),
     ("query-migrate-capabilities", NO_ARGS),
+    (
+        "balloon",
+        &[Arg {
+            name: "value",
+            ty: ArgType::Int,
+            required: true,
+        }],
+    ),
+    ("query-balloon", NO_ARGS),
+    (
+        "qom-list",
+        &[Arg {
+            name: "path",
+            ty: ArgType::Str,
+            required: true,
+        }],
+    ),
+    (
+        "qom-get",
+        &[
+            Arg {
+                name: "path",
+                ty: ArgType::Str,
+                required: true,
+            },
+            Arg {
+                name: "property",
+                ty: ArgType::Str,
+                required: true,
+            },
+        ],
+    ),
+    (
+        "qom-set",
+        &[
+            Arg {
+                name: "path",
+                ty: ArgType::Str,
+                required: true,
+            },
+            Arg {
+                name: "property",
+                ty: ArgType::Str,
+                required: true,
+            },
+            Arg {
+                name: "value",
+                ty: ArgType::Any,
+                required: true,
+            },
+        ],
+    ),
     (
         "human-monitor-command",
         &[
@@ -346,6 +407,7 @@ enum Then {
     QueryMigrate,
     MigrateCapabilities,
     BlockStats,
+    Balloon(balloon::BalloonThen),
     /// `migrate-incoming` with bad arguments: QEMU checks the run state first, so the VM's
     /// state decides between its refusal and this error.
     IncomingRefused(CommandError),
@@ -425,6 +487,7 @@ impl Monitor {
             Then::Action(action) => match reply {
                 Ok(_) => Ok(json!({})),
                 Err(e) if is_noop(&action, &e) => Ok(json!({})),
+                Err(e @ ActionError::NoBalloon) => Err(e.into()),
                 Err(e @ ActionError::DeviceNotFound(_)) => Err(CommandError {
                     class: ErrorClass::DeviceNotFound,
                     desc: e.to_string(),
@@ -439,6 +502,7 @@ impl Monitor {
                 Ok(VmmResponse::Migration(info)) => Ok(migration::migration_json(&info)),
                 other => Err(unexpected(other)),
             },
+            Then::Balloon(then) => balloon::reply(then, reply),
             Then::BlockStats => match reply {
                 Ok(VmmResponse::BlockStats(disks)) => Ok(blockstats_json(&disks)),
                 other => Err(unexpected(other)),
@@ -591,6 +655,16 @@ impl Monitor {
                 VmmAction::GetMigrationCapabilities,
                 Then::MigrateCapabilities,
             ),
+            "balloon" => submit(
+                balloon::balloon_action(args)?,
+                Then::Balloon(balloon::BalloonThen::Set),
+            ),
+            "query-balloon" => submit(
+                VmmAction::GetBalloon,
+                Then::Balloon(balloon::BalloonThen::Query),
+            ),
+            "qom-list" | "qom-get" | "qom-set" => Ok(balloon::qom(command, args)?
+                .map_err(|(action, then)| (action, Then::Balloon(then)))),
             _ => self.hmp(args),
         }
     }

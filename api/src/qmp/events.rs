@@ -25,6 +25,7 @@ pub(crate) fn event_json(ev: &TimedEvent) -> Value {
         VmEvent::VserportChange { id, open } => {
             ("VSERPORT_CHANGE", Some(json!({"id": id, "open": open})))
         }
+        VmEvent::BalloonChange { actual } => ("BALLOON_CHANGE", Some(json!({ "actual": actual }))),
     };
     let (seconds, microseconds) = match ev.at.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_micros())),

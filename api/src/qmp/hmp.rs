@@ -40,6 +40,8 @@ pub(crate) enum InfoKind {
     Network,
     /// `info blockstats`.
     Blockstats,
+    /// `info balloon`.
+    Balloon,
 }
 
 impl InfoKind {
@@ -50,6 +52,7 @@ impl InfoKind {
             InfoKind::Migrate => VmmAction::QueryMigrate,
             InfoKind::MigrateCapabilities => VmmAction::GetMigrationCapabilities,
             InfoKind::Blockstats => VmmAction::QueryBlockStats,
+            InfoKind::Balloon => VmmAction::GetBalloon,
         }
     }
 }
@@ -60,6 +63,7 @@ pub(crate) fn crlf(text: &str) -> String {
 }
 
 const INFO_HELP: &str = "\
+info balloon  -- show balloon information
 info blockstats  -- show block device statistics
 info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
@@ -81,6 +85,7 @@ const INFO_NO_ARGS: &[&str] = &[
     "migrate_capabilities",
     "network",
     "blockstats",
+    "balloon",
 ];
 
 /// `line` up to the end of its `n`-th word: what QEMU repeats in "Try \"help ...\"".
@@ -154,6 +159,19 @@ pub(crate) fn parse(line: &str) -> HmpCommand {
             ),
         },
         "migrate_set_capability" => parse_set_capability(line, &rest),
+        "balloon" => match rest.as_slice() {
+            [] => bad_args("balloon: integer expected", line, 1),
+            [size] => match parse_mib(size) {
+                Some(0) => error_text("Parameter 'value' expects a size"),
+                Some(bytes) => HmpCommand::Action(VmmAction::SetBalloon {
+                    target: bytes,
+                    clamp: true,
+                }),
+                None if size.starts_with('-') => error_text("enter a positive value"),
+                None => bad_args("balloon: invalid size", line, 1),
+            },
+            _ => bad_args("balloon: extraneous characters at the end of line", line, 1),
+        },
         "set_link" => match rest.as_slice() {
             [] => bad_args("set_link: string expected", line, 1),
             [_] => bad_args("Expected 'on' or 'off'", line, 1),
@@ -210,6 +228,7 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         "migrate_capabilities" => HmpCommand::Info(InfoKind::MigrateCapabilities),
         "network" => HmpCommand::Info(InfoKind::Network),
         "blockstats" => HmpCommand::Info(InfoKind::Blockstats),
+        "balloon" => HmpCommand::Info(InfoKind::Balloon),
         "version" => {
             let v = VersionInfo::current();
             HmpCommand::Text(crlf(&format!("{}\n", v.version)))
@@ -218,6 +237,22 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         // "name": we have no VM name, and QEMU prints nothing then.
         _ => HmpCommand::Text(String::new()),
     }
+}
+
+/// An HMP size of type `M`: MiB without a suffix, else K, M, G or T (powers of 1024).
+fn parse_mib(s: &str) -> Option<u64> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "M"),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// `migrate [-d] [-r] URI` (QEMU's `detach:-d,resume:-r,uri:s`: the flags in that order).
@@ -300,6 +335,13 @@ pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<Strin
             Ok(VmmResponse::BlockStats(disks)) => Ok(crlf(&blockstats_text(&disks))),
             other => Err(unexpected(other)),
         },
+        InfoKind::Balloon => match reply {
+            Ok(VmmResponse::Balloon(b)) => {
+                Ok(crlf(&format!("balloon: actual={}\n", b.actual_bytes >> 20)))
+            }
+            Err(e @ ActionError::NoBalloon) => Ok(crlf(&format!("Error: {e}\n"))),
+            other => Err(unexpected(other)),
+        },
     }
 }
 
@@ -376,7 +418,10 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
                 )
             })
             .collect(),
-        InfoKind::Migrate | InfoKind::MigrateCapabilities | InfoKind::Blockstats => String::new(),
+        InfoKind::Migrate
+        | InfoKind::MigrateCapabilities
+        | InfoKind::Blockstats
+        | InfoKind::Balloon => String::new(),
     };
     crlf(&text)
 }

@@ -5,6 +5,7 @@
 //! then may run commands and receives every VM event. Requests of one client are answered in
 //! order, one at a time (QEMU without the `oob` capability, which we do not offer).
 
+mod balloon;
 mod commands;
 mod events;
 mod framing;

@@ -15,6 +15,7 @@ pub(super) fn table(cmd: &CtlCommand, v: &Value) -> Option<String> {
         CtlCommand::Fsfreeze => format!("Froze {} filesystem(s)", v["frozen"]),
         CtlCommand::Fsthaw => format!("Thawed {} filesystem(s)", v["thawed"]),
         CtlCommand::SetTime { .. } => format!("Guest clock set to {} ns", v["time_ns"]),
+        CtlCommand::Balloon { json: false, .. } => balloon(v),
         _ => return None,
     })
 }
@@ -143,6 +144,42 @@ fn filesystems(v: &Value) -> String {
             bytes("used_bytes"),
             bytes("total_bytes"),
         ));
+    }
+    out
+}
+
+/// The balloon, as `info balloon` and `virsh dommemstat` show it (MiB).
+fn balloon(v: &Value) -> String {
+    let mib = |k: &str| {
+        v[k].as_u64()
+            .map_or("-".to_string(), |b| format!("{} MiB", b >> 20))
+    };
+    let mut out = format!(
+        "{:<24} {}\n{:<24} {}\n{:<24} {}\n{:<24} {}",
+        "Memory",
+        mib("memory_bytes"),
+        "Target",
+        mib("target_bytes"),
+        "Actual",
+        mib("actual_bytes"),
+        "Statistics every",
+        match v["stats_interval_s"].as_u64() {
+            Some(0) | None => "never".to_string(),
+            Some(s) => format!("{s} s"),
+        },
+    );
+    if let Some(stats) = v["stats"].as_object() {
+        for (name, value) in stats {
+            let value = value.as_u64().unwrap_or(0);
+            // Sizes in MiB; counts as they are.
+            let text =
+                if name.ends_with("memory") || name.ends_with("caches") || name.contains("swap") {
+                    format!("{:.1} MiB", value as f64 / 1048576.0)
+                } else {
+                    value.to_string()
+                };
+            out.push_str(&format!("\n{name:<24} {text}"));
+        }
     }
     out
 }

@@ -142,6 +142,19 @@ pub enum CtlCommand {
         #[arg(long, default_value = "powerdown", value_parser = ["powerdown", "reboot", "halt"])]
         mode: String,
     },
+    /// Show the balloon and the guest's memory statistics, or ask the guest to keep TARGET
+    /// MiB of RAM (like `virsh setmem`; QMP `balloon`).
+    Balloon {
+        /// MiB of RAM the guest should keep.
+        #[arg(value_name = "TARGET-MIB", conflicts_with = "stats_interval")]
+        target_mib: Option<u64>,
+        /// Seconds between two requests for the guest's memory statistics (0: none).
+        #[arg(long, value_name = "S")]
+        stats_interval: Option<u32>,
+        /// Print the JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a network card's link up or down (QMP `set_link`).
     SetLink {
         /// The NIC's id (see `nics`).
@@ -182,6 +195,15 @@ impl CtlCommand {
             CtlCommand::Fsthaw => ("PUT", "/vm/agent/fsthaw"),
             CtlCommand::SetTime { .. } => ("PUT", "/vm/agent/set-time"),
             CtlCommand::GuestShutdown { .. } => ("PUT", "/vm/agent/shutdown"),
+            CtlCommand::Balloon {
+                target_mib: Some(_),
+                ..
+            } => ("PUT", "/vm/balloon"),
+            CtlCommand::Balloon {
+                stats_interval: Some(_),
+                ..
+            } => ("PUT", "/vm/balloon/stats-interval"),
+            CtlCommand::Balloon { .. } => ("GET", "/vm/balloon"),
         }
     }
 
@@ -221,6 +243,16 @@ impl CtlCommand {
             CtlCommand::SetTime { time_ns: Some(ns) } => {
                 Ok(Some(serde_json::json!({ "time_ns": ns }).to_string()))
             }
+            CtlCommand::Balloon {
+                target_mib: Some(t),
+                ..
+            } => Ok(Some(serde_json::json!({ "target_mib": t }).to_string())),
+            CtlCommand::Balloon {
+                stats_interval: Some(s),
+                ..
+            } => Ok(Some(
+                serde_json::json!({ "stats_interval_s": s }).to_string(),
+            )),
             CtlCommand::GuestShutdown { mode } => {
                 Ok(Some(serde_json::json!({ "mode": mode }).to_string()))
             }
@@ -724,6 +756,7 @@ mod tests {
                 "fsthaw",
                 "set-time",
                 "guest-shutdown",
+                "balloon",
                 "set-link"
             ]
         );

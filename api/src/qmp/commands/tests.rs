@@ -655,3 +655,121 @@ fn blockstats_in_qemus_shape() {
                 rd_merged=0 wr_merged=0 idle_time_ns=0\r\n"})
     );
 }
+
+#[test]
+fn balloon_and_its_qom_properties_as_libvirt_uses_them() {
+    use crate::balloon::{BalloonCounters, BalloonInfo};
+    let info = || {
+        Ok(VmmResponse::Balloon(Box::new(BalloonInfo {
+            memory_bytes: 512 << 20,
+            target_bytes: 256 << 20,
+            actual_bytes: 300 << 20,
+            stats_interval_s: 2,
+            stats: [("stat-free-memory".to_string(), 1234u64)].into(),
+            last_update: 99,
+            counters: BalloonCounters::default(),
+        })))
+    };
+    let mut m = negotiated();
+    let req = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    assert_eq!(
+        m.request(req("balloon", json!({"value": 256 << 20}))),
+        Step::Submit(VmmAction::SetBalloon {
+            target: 256 << 20,
+            clamp: true
+        })
+    );
+    assert_eq!(
+        answer(m.reply(Ok(VmmResponse::Done))),
+        json!({"return": {}})
+    );
+    let r = answer(m.request(req("balloon", json!({"value": 0}))));
+    assert_eq!(
+        error(&r),
+        ("GenericError", "Parameter 'value' expects a size")
+    );
+    // No balloon: QEMU's class and text.
+    m.request(json!({"execute": "query-balloon"}));
+    let r = answer(m.reply(Err(ActionError::NoBalloon)));
+    assert_eq!(
+        error(&r),
+        ("DeviceNotActive", "No balloon device has been activated")
+    );
+    m.request(json!({"execute": "query-balloon"}));
+    assert_eq!(
+        answer(m.reply(info())),
+        json!({"return": {"actual": 300 << 20}})
+    );
+
+    // libvirt finds the balloon, checks for the polling property, sets it, reads the stats.
+    m.request(req("qom-list", json!({"path": "/machine/peripheral"})));
+    let r = answer(m.reply(info()));
+    assert_eq!(
+        r["return"][0],
+        json!({"name": "balloon0", "type": "child<virtio-balloon-pci>"})
+    );
+    m.request(req("qom-list", json!({"path": "/machine/peripheral"})));
+    assert_eq!(
+        answer(m.reply(Err(ActionError::NoBalloon))),
+        json!({"return": []})
+    );
+    m.request(req(
+        "qom-list",
+        json!({"path": "/machine/peripheral/balloon0"}),
+    ));
+    let r = answer(m.reply(info()));
+    assert!(r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "guest-stats-polling-interval"));
+    assert_eq!(
+        m.request(req(
+            "qom-set",
+            json!({"path": "/machine/peripheral/balloon0",
+                   "property": "guest-stats-polling-interval", "value": 5})
+        )),
+        Step::Submit(VmmAction::SetBalloonStatsInterval(5))
+    );
+    assert_eq!(
+        answer(m.reply(Ok(VmmResponse::Done))),
+        json!({"return": {}})
+    );
+    let r = answer(m.request(req(
+        "qom-set",
+        json!({"path": "/machine/peripheral/balloon0",
+               "property": "guest-stats-polling-interval", "value": -1}),
+    )));
+    assert_eq!(error(&r).1, "timer value must be greater than zero");
+    m.request(req(
+        "qom-get",
+        json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats"}),
+    ));
+    let r = answer(m.reply(info()));
+    assert_eq!(r["return"]["last-update"], 99);
+    assert_eq!(r["return"]["stats"]["stat-free-memory"], 1234);
+    assert_eq!(r["return"]["stats"]["stat-swap-in"], u64::MAX);
+    let r = answer(m.request(req("qom-get", json!({"path": "/nowhere", "property": "x"}))));
+    assert_eq!(error(&r).0, "DeviceNotFound");
+
+    // HMP.
+    let hmp = |line: &str| req("human-monitor-command", json!({"command-line": line}));
+    assert_eq!(
+        m.request(hmp("balloon 256")),
+        Step::Submit(VmmAction::SetBalloon {
+            target: 256 << 20,
+            clamp: true
+        })
+    );
+    assert_eq!(
+        answer(m.reply(Ok(VmmResponse::Done))),
+        json!({"return": ""})
+    );
+    m.request(hmp("balloon 1G"));
+    m.reply(Err(ActionError::NoBalloon));
+    m.request(hmp("info balloon"));
+    assert_eq!(
+        answer(m.reply(info())),
+        json!({"return": "balloon: actual=300\r\n"})
+    );
+}
