@@ -145,6 +145,32 @@ impl VirtioDeviceState {
     }
 }
 
+/// The `(index, state)` of each queue a device runs, for devices that keep their queues by
+/// index ([`VirtioDevice::active_queue_states`]).
+pub(crate) fn queue_states(queues: &[Option<Queue>]) -> Vec<(u16, QueueState)> {
+    queues
+        .iter()
+        .enumerate()
+        .filter_map(|(i, q)| q.as_ref().map(|q| (i as u16, q.state())))
+        .collect()
+}
+
+/// Signals queue `index`'s driver about new used buffers, unless it asked not to be
+/// (EVENT_IDX); an unreadable ring gets the interrupt.
+pub(crate) fn notify_used(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+) {
+    use virtio_queue::QueueT;
+    if !matches!(q.needs_notification(mem), Ok(false)) {
+        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+            log::warn!("virtio: interrupt for queue {index} failed: {e}");
+        }
+    }
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// virtio device type (2 = block, 1 = net, ...).

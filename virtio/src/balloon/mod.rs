@@ -40,8 +40,8 @@ pub use shared::{
 };
 
 use crate::device::{
-    feature, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, notify_used, queue_states, ActivateContext, ActivateError, GuestMemoryMmap,
+    VirtioDevice, VirtioDeviceState, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -154,6 +154,9 @@ impl Balloon {
             queues += 1;
         }
         let pages = shared.memory_bytes().div_ceil(PAGE_SIZE);
+        // A new device (a fresh boot or a reset VM) starts empty: the guest has all its memory
+        // until its driver says otherwise. A restore puts the saved `actual` back.
+        shared.set_actual_pages(0);
         Ok(Balloon {
             shared,
             avail_features: features,
@@ -265,11 +268,7 @@ impl Balloon {
                 log::warn!("virtio-balloon: returning a buffer failed: {e}");
             }
         }
-        if !matches!(q.needs_notification(&mem), Ok(false)) {
-            if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
-                log::warn!("virtio-balloon: interrupt failed: {e}");
-            }
-        }
+        notify_used(q, &mem, interrupt.as_ref(), index);
     }
 
     /// The page numbers of an inflate or deflate buffer (its readable bytes, le32 each).
@@ -422,8 +421,8 @@ impl Balloon {
             st.values = values;
             st.last_update = now_secs();
         }
-        if returned && !matches!(q.needs_notification(&mem), Ok(false)) {
-            let _ = a.interrupt.trigger(VirtioInterruptType::Queue(index));
+        if returned {
+            notify_used(q, &mem, a.interrupt.as_ref(), index);
         }
     }
 
@@ -447,9 +446,7 @@ impl Balloon {
             log::warn!("virtio-balloon: returning the statistics buffer failed: {e}");
             return;
         }
-        if !matches!(q.needs_notification(&a.mem), Ok(false)) {
-            let _ = a.interrupt.trigger(VirtioInterruptType::Queue(index));
-        }
+        notify_used(q, &a.mem, a.interrupt.as_ref(), index);
     }
 
     /// The driver changed `actual`: report it now, or at the end of the current second.
@@ -665,14 +662,9 @@ impl VirtioDevice for Balloon {
     }
 
     fn active_queue_states(&self) -> Vec<(u16, QueueState)> {
-        let Some(a) = &self.active else {
-            return Vec::new();
-        };
-        a.queues
-            .iter()
-            .enumerate()
-            .filter_map(|(i, q)| q.as_ref().map(|q| (i as u16, q.state())))
-            .collect()
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, |a| queue_states(&a.queues))
     }
 
     fn save_state(&self) -> VirtioDeviceState {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use devices::persist::RestoreError;
 use event_manager::EventSet;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueState};
 
 pub use control::ControlMsg;
 pub use persist::{ConsolePortState, ConsoleState};
@@ -33,7 +33,7 @@ pub use port::{PortBackend, StreamBackend, MAX_CHAIN_BYTES, READ_CHUNK};
 
 use crate::device::{
     feature, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, VirtioInterruptType, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use port::{PortData, Progress};
 
@@ -498,13 +498,8 @@ impl Console {
 
 /// Signals queue `q` if the driver wants to hear of it.
 fn signal(a: &mut Active, q: u16) {
-    let Some(queue) = a.queues.get_mut(usize::from(q)).and_then(Option::as_mut) else {
-        return;
-    };
-    if !matches!(queue.needs_notification(&a.mem), Ok(false)) {
-        if let Err(e) = a.interrupt.trigger(VirtioInterruptType::Queue(q)) {
-            log::warn!("virtio-console: interrupt for queue {q} failed: {e}");
-        }
+    if let Some(queue) = a.queues.get_mut(usize::from(q)).and_then(Option::as_mut) {
+        crate::device::notify_used(queue, &a.mem, a.interrupt.as_ref(), q);
     }
 }
 
@@ -647,14 +642,9 @@ impl VirtioDevice for Console {
     }
 
     fn active_queue_states(&self) -> Vec<(u16, QueueState)> {
-        let Some(a) = &self.active else {
-            return Vec::new();
-        };
-        a.queues
-            .iter()
-            .enumerate()
-            .filter_map(|(i, q)| q.as_ref().map(|q| (i as u16, q.state())))
-            .collect()
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, |a| crate::device::queue_states(&a.queues))
     }
 
     fn save_state(&self) -> VirtioDeviceState {
