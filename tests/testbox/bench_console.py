@@ -464,21 +464,8 @@ def one_vm(box: tb.Box, key: str, rep: int, args, src_md5: str) -> dict:
 
 
 def run_vm(box: tb.Box, key: str, rep: int, args, nbytes: int) -> dict:
-    """one_vm, again after a flake of the nested box (box.flake_reason), up to FLAKE_RETRIES times;
-    L1 is booted again when it died or stopped answering."""
-    for attempt in range(tb.FLAKE_RETRIES + 1):
-        try:
-            return one_vm(box, key, rep, args, l1_setup(box, nbytes))
-        except (tb.BoxError, TimeoutError, AssertionError) as e:
-            why = tb.flake_reason(e, box)
-            if not box.healthy() or isinstance(e, tb.GuestStall):
-                box.restart()
-            if why is None or attempt == tb.FLAKE_RETRIES:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                tb.log(f"{key} #{rep}: FAILED: {first}")
-                return {"ok": False, "error": first, "detail": str(e)[-3000:]}
-            tb.log(f"{key} #{rep}: nested-box flake ({why}); running it again")
-    raise AssertionError("unreachable")
+    """one_vm, again after a flake of the nested box (tb.bench_run)."""
+    return tb.bench_run(box, f"{key} #{rep}", lambda: one_vm(box, key, rep, args, l1_setup(box, nbytes)))
 
 
 def fmt(r: dict, metric: str) -> str:

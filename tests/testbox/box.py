@@ -793,3 +793,24 @@ def flake_reason(e: BaseException, box: "Box | None") -> str | None:
 
 
 retry_on_stall = retry_on_flake   # older name
+
+
+def bench_run(box: "Box", label: str, run, errors: tuple = (BoxError, TimeoutError,
+                                                             AssertionError)) -> dict:
+    """A benchmark's `run()` (a dict of results), again after a flake of the nested box
+    (flake_reason), up to FLAKE_RETRIES times; L1 is booted again when it died, stopped
+    answering or lost an L2 vCPU. Any other failure is returned as {"ok": False, "error": ...}
+    so that the other columns are still measured."""
+    for attempt in range(FLAKE_RETRIES + 1):
+        try:
+            return run()
+        except errors as e:
+            why = flake_reason(e, box)
+            if not box.healthy() or isinstance(e, GuestStall):
+                box.restart()
+            if why is None or attempt == FLAKE_RETRIES:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log(f"{label}: FAILED: {first}")
+                return {"ok": False, "error": first, "detail": str(e)[-3000:]}
+            log(f"{label}: nested-box flake ({why}); running it again")
+    raise AssertionError("unreachable")
