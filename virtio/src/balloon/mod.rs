@@ -387,7 +387,17 @@ impl Balloon {
             return;
         };
         let mut returned = false;
-        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+        let mut rechecked = false;
+        loop {
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                // Publish how far we got (with EVENT_IDX the driver notifies only past it),
+                // and look once more if a buffer came meanwhile.
+                match q.enable_notification(&mem) {
+                    Ok(true) if !std::mem::replace(&mut rechecked, true) => continue,
+                    _ => break,
+                }
+            };
+            rechecked = false;
             // A second buffer while one is held: the old one goes back (QEMU does the same).
             if let Some(old) = self.stats_head.replace(chain.head_index()) {
                 let _ = q.add_used(&mem, old, 0);
