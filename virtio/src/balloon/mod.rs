@@ -106,6 +106,11 @@ struct Active {
     layout: Layout,
 }
 
+/// Queue `index` of `queues`, if the driver enabled it.
+fn queue_mut(queues: &mut [Option<Queue>], index: u16) -> Option<&mut Queue> {
+    queues.get_mut(usize::from(index)).and_then(Option::as_mut)
+}
+
 /// A virtio-balloon device.
 pub struct Balloon {
     shared: Arc<BalloonShared>,
@@ -226,11 +231,7 @@ impl Balloon {
         let mem = a.mem.clone();
         let interrupt = a.interrupt.clone();
         let mut chains = Vec::new();
-        let Some(q) = a
-            .queues
-            .get_mut(usize::from(index))
-            .and_then(Option::as_mut)
-        else {
+        let Some(q) = queue_mut(&mut a.queues, index) else {
             return;
         };
         let mut rechecked = false;
@@ -258,8 +259,7 @@ impl Balloon {
         let Some(q) = self
             .active
             .as_mut()
-            .and_then(|a| a.queues.get_mut(usize::from(index)))
-            .and_then(Option::as_mut)
+            .and_then(|a| queue_mut(&mut a.queues, index))
         else {
             return;
         };
@@ -379,11 +379,7 @@ impl Balloon {
             return;
         };
         let mem = a.mem.clone();
-        let Some(q) = a
-            .queues
-            .get_mut(usize::from(index))
-            .and_then(Option::as_mut)
-        else {
+        let Some(q) = queue_mut(&mut a.queues, index) else {
             return;
         };
         let mut returned = false;
@@ -444,11 +440,7 @@ impl Balloon {
         let (Some(index), Some(head)) = (a.layout.stats, self.stats_head) else {
             return;
         };
-        let Some(q) = a
-            .queues
-            .get_mut(usize::from(index))
-            .and_then(Option::as_mut)
-        else {
+        let Some(q) = queue_mut(&mut a.queues, index) else {
             return;
         };
         self.stats_head = None;
@@ -502,9 +494,10 @@ fn release(mem: &GuestMemoryMmap, gpa: u64, len: u64) {
             return;
         };
         let file_backed = region.file_offset().is_some();
-        // SAFETY: `host..host + n` lies inside this region's mapping (checked against the
-        // region's length above), which stays mapped for the VM's life. Replacing or dropping
-        // its pages changes guest memory only: the guest gave these pages up.
+        // `host..host + n` lies inside this region's mapping (checked against the region's
+        // length above), which stays mapped for the VM's life.
+        // SAFETY: replacing or dropping these pages changes guest memory only, and the guest
+        // gave them up; no Rust reference points into guest memory.
         let r = unsafe {
             if file_backed {
                 // A private file mapping (restored from a snapshot): fresh anonymous pages.
