@@ -693,6 +693,12 @@ class L2:
             out = self.box.run(f"echo '--- {self.name}: argv'; cat /proc/$(cat {self.dir}/pid)/cmdline "
                                f"2>/dev/null | tr '\\0' ' '; echo; echo '--- exit status:'; "
                                f"cat {self.dir}/rc 2>/dev/null || echo running; "
+                               # A VMM still running: what each thread is doing (a hang shows
+                               # as a thread asleep in a futex or busy in a loop).
+                               f"[ -e {self.dir}/rc ] || for t in /proc/$(cat {self.dir}/pid)/task/*; do "
+                               f"echo \"--- thread $(cat $t/comm): $(cut -d' ' -f3 $t/stat) "
+                               f"wchan=$(cat $t/wchan) syscall=$(cut -d' ' -f1 $t/syscall)\"; "
+                               f"head -n 8 $t/stack 2>/dev/null; done; "
                                f"echo '--- stdout (tail)'; tail -n {lines} {self.dir}/out; "
                                f"echo '--- stderr (tail)'; tail -n {lines} {self.dir}/err", timeout=60)[1]
         except Exception as e:  # the box itself may be gone

@@ -115,6 +115,19 @@ pub struct Cli {
     /// `PUT /vm/resume` (QEMU's -S).
     #[arg(long, short = 'S')]
     pub paused: bool,
+
+    /// Log records at this level and above: error, warn (the default), info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
+    pub log_level: log::LevelFilter,
+
+    /// Append log lines to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a log level (off, error, warn, info, debug, trace)"))
 }
 
 /// Where an incoming VM state comes from (`--incoming`).

@@ -16,6 +16,7 @@ pub mod img;
 pub mod incoming;
 pub mod kernel_cache;
 pub mod kvm;
+pub mod logger;
 pub mod metrics;
 pub mod net;
 pub mod pci;

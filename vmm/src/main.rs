@@ -16,6 +16,12 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
     let cli = Cli::parse();
+    if cli.command.is_none() {
+        if let Err(e) = vmm::logger::init(cli.log_level, cli.log_file.as_deref()) {
+            eprintln!("vmm: error: cannot open the log file: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if let Some(vmm::cli::Command::Ctl(args)) = &cli.command {
         return vmm::ctl::main(args);
     }
