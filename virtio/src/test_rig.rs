@@ -17,6 +17,11 @@ use crate::device::{
 pub const WRITE: u16 = 2;
 pub const QSIZE: u16 = 256;
 pub const QSTRIDE: u64 = 0x4000;
+/// Where each queue's used ring is, from the queue's start. Not the mock's: virtio-queue 0.18's
+/// `MockSplitQueue` places its used ring right after `avail + QSIZE` bytes (the ring's length
+/// in entries, not bytes), over the second half of the avail ring, so that a device's used
+/// entries overwrote the heads of chains 128 and up.
+const USED_AT: u64 = 0x2000;
 pub const BUF: u64 = 0x10_0000;
 
 #[derive(Default)]
@@ -59,6 +64,11 @@ impl Rig {
         }
     }
 
+    /// Queue `q`'s used ring (see [`USED_AT`]).
+    pub fn used_addr(&self, q: usize) -> GuestAddress {
+        GuestAddress(q as u64 * QSTRIDE + USED_AT)
+    }
+
     pub fn mock(&self, q: usize) -> &MockSplitQueue<'static, GuestMemoryMmap> {
         &self.mocks[q]
     }
@@ -76,6 +86,8 @@ impl Rig {
             let m = self.mock(q);
             // As Linux negotiates it: the driver notifies only past the device's avail_event.
             let mut queue: Queue = m.create_queue().unwrap();
+            let used = self.used_addr(q);
+            queue.set_used_ring_address(Some(used.0 as u32), Some((used.0 >> 32) as u32));
             queue.set_event_idx(true);
             queues.push(ActiveQueue {
                 index: q as u16,
@@ -126,7 +138,7 @@ impl Rig {
 
     /// New used entries of queue `q`: (descriptor id, length).
     pub fn used(&mut self, q: usize) -> Vec<(u32, u32)> {
-        let base = self.mock(q).used_addr();
+        let base = self.used_addr(q);
         let idx: u16 = self.mem.read_obj(base.unchecked_add(2)).unwrap();
         let from = self.seen[q];
         self.seen[q] = idx;
@@ -143,10 +155,7 @@ impl Rig {
 
     /// The avail_event the device published for queue `q` (after the used ring).
     pub fn avail_event(&self, q: usize) -> u16 {
-        let at = self
-            .mock(q)
-            .used_addr()
-            .unchecked_add(4 + 8 * u64::from(QSIZE));
+        let at = self.used_addr(q).unchecked_add(4 + 8 * u64::from(QSIZE));
         self.mem.read_obj(at).unwrap()
     }
 
