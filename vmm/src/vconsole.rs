@@ -75,6 +75,10 @@ impl PortBackend for Shared {
     fn write(&mut self, buf: &[u8]) -> Option<usize> {
         lock(&self.0).write(buf)
     }
+    unsafe fn write_iov(&mut self, iov: &[libc::iovec]) -> Option<usize> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { lock(&self.0).write_iov(iov) }
+    }
     fn release(&mut self) {
         lock(&self.0).release()
     }

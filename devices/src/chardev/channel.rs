@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::unix_socket::send_nonblocking;
+use super::unix_socket::{send_iov_nonblocking, send_nonblocking};
 use super::{read_stream, ChardevError, ReadOutcome, SocketListener};
 
 /// A unix socket channel serving one client at a time.
@@ -90,6 +90,23 @@ impl ChannelSocket {
     pub fn write(&mut self, buf: &[u8]) -> Option<usize> {
         let stream = self.client.as_ref()?;
         match send_nonblocking(stream.as_raw_fd(), buf) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::debug!("channel {}: client gone: {e}", self.path().display());
+                self.retire();
+                None
+            }
+        }
+    }
+
+    /// [`ChannelSocket::write`] from several buffers at once (one `sendmsg`).
+    ///
+    /// # Safety
+    /// Every iovec must name memory valid for reads of its length for the duration of the call.
+    pub unsafe fn write_iov(&mut self, iov: &[libc::iovec]) -> Option<usize> {
+        let stream = self.client.as_ref()?;
+        // SAFETY: the caller's guarantee, passed on.
+        match unsafe { send_iov_nonblocking(stream.as_raw_fd(), iov) } {
             Ok(n) => Some(n),
             Err(e) => {
                 log::debug!("channel {}: client gone: {e}", self.path().display());

@@ -20,7 +20,7 @@ pub use channel::ChannelSocket;
 pub use listener::SocketListener;
 pub use sinks::{FileMode, FileSink, LossyWriter, NullSink, StdoutSink};
 pub use terminal::{is_pollable, read_fd, restore_terminal, stdin_is_tty, StdinRaw};
-pub use unix_socket::{ConsoleOutput, UnixSocketConsole, BUSY_MESSAGE};
+pub use unix_socket::{send_iov_nonblocking, ConsoleOutput, UnixSocketConsole, BUSY_MESSAGE};
 
 /// Errors setting up a character backend.
 #[derive(Debug, thiserror::Error)]

@@ -56,6 +56,34 @@ impl ClientSlot {
     }
 }
 
+/// Sends as much of the memory the iovecs name as the socket takes right now, in one
+/// `sendmsg`; returns the bytes sent (0 when the socket is full), or the error that shows the
+/// peer is gone.
+///
+/// # Safety
+/// Every iovec must name memory valid for reads of its length for the duration of the call.
+pub unsafe fn send_iov_nonblocking(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr().cast_mut();
+    msg.msg_iovlen = iov.len() as _;
+    loop {
+        // SAFETY: `msg` names `iov`, which the caller guarantees readable; MSG_DONTWAIT never
+        // blocks and MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            // `n` is non-negative and at most the iovecs' total.
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
+
 /// Sends as much of `buf` as the socket takes right now; returns the bytes sent, or the error
 /// that shows the peer is gone.
 pub(super) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

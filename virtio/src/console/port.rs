@@ -14,9 +14,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use devices::chardev::{read_stream, ChannelSocket, ReadOutcome};
+use devices::chardev::{read_stream, send_iov_nonblocking, ChannelSocket, ReadOutcome};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::GuestMemoryMmap;
 
@@ -25,6 +25,8 @@ pub const READ_CHUNK: usize = 64 << 10;
 /// Most guest output taken from one chain (Linux writes at most 32 KiB per buffer); the rest
 /// of a longer chain is discarded and counted.
 pub const MAX_CHAIN_BYTES: usize = 256 << 10;
+/// Most descriptors of a chain sent straight from guest memory (a longer chain is copied).
+const MAX_TX_IOVECS: usize = 64;
 
 /// The host end of a port.
 pub trait PortBackend: Send {
@@ -41,6 +43,15 @@ pub trait PortBackend: Send {
     /// Writes guest output without blocking: `Some(n)` bytes taken (0 when the peer is slow:
     /// wait for writability), `None` when there is no peer (the output is discarded).
     fn write(&mut self, buf: &[u8]) -> Option<usize>;
+    /// [`PortBackend::write`] straight from several buffers (guest memory), in one call. A
+    /// backend without a vectored path takes nothing here (`Some(0)`): the caller then copies
+    /// the bytes and hands them to [`PortBackend::write`].
+    ///
+    /// # Safety
+    /// Every iovec must name memory valid for reads of its length for the duration of the call.
+    unsafe fn write_iov(&mut self, _iov: &[libc::iovec]) -> Option<usize> {
+        Some(0)
+    }
     /// The event loop no longer watches the fds of a peer that left: they may be closed.
     fn release(&mut self) {}
 }
@@ -71,6 +82,11 @@ impl PortBackend for ChannelSocket {
 
     fn write(&mut self, buf: &[u8]) -> Option<usize> {
         ChannelSocket::write(self, buf)
+    }
+
+    unsafe fn write_iov(&mut self, iov: &[libc::iovec]) -> Option<usize> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { ChannelSocket::write_iov(self, iov) }
     }
 
     fn release(&mut self) {
@@ -138,6 +154,18 @@ impl PortBackend for StreamBackend {
         }
     }
 
+    unsafe fn write_iov(&mut self, iov: &[libc::iovec]) -> Option<usize> {
+        let s = self.stream.as_ref().filter(|_| !self.gone)?;
+        // SAFETY: the caller's guarantee, passed on.
+        match unsafe { send_iov_nonblocking(s.as_raw_fd(), iov) } {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.gone = true;
+                None
+            }
+        }
+    }
+
     fn release(&mut self) {
         if self.gone {
             self.stream = None;
@@ -173,6 +201,8 @@ pub struct PortData {
     /// Guest output the backend has not taken yet (from `out_pos`).
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// The chain being sent: (guest address, length) of its readable descriptors.
+    segs: Vec<(GuestAddress, usize)>,
     /// Host input: read into `in_buf` (allocated once, [`READ_CHUNK`] bytes), not yet in a
     /// guest buffer from `in_start` to `in_end`.
     in_buf: Vec<u8>,
@@ -250,26 +280,98 @@ impl PortData {
             };
             rechecked = false;
             let head = chain.head_index();
+            // The readable part of the chain, at most MAX_CHAIN_BYTES of it (the rest is
+            // counted as truncated).
+            self.segs.clear();
+            let mut total = 0usize;
             for desc in chain {
                 if desc.is_write_only() {
                     continue;
                 }
                 let len = desc.len() as usize;
-                let room = MAX_CHAIN_BYTES - self.out.len();
-                let take = len.min(room);
+                let take = len.min(MAX_CHAIN_BYTES - total);
                 self.truncated += (len - take) as u64;
-                let at = self.out.len();
-                self.out.resize(at + take, 0);
-                if let Err(e) = mem.read_slice(&mut self.out[at..], desc.addr()) {
-                    self.out.truncate(at);
-                    tx.add_used(mem, head, 0)?;
-                    progress.tx_used = true;
-                    return Err(e.into());
+                if take > 0 {
+                    self.segs.push((desc.addr(), take));
+                    total += take;
                 }
             }
+            let result = self.send_chain(backend, mem, total, progress);
             tx.add_used(mem, head, 0)?;
             progress.tx_used = true;
+            result?;
         }
+    }
+
+    /// Sends the chain in `segs` (`total` bytes) to the backend: straight from guest memory
+    /// when every segment maps to one host range, and whatever the backend does not take now
+    /// is copied into `out` (sent first next time). On an error the chain's bytes are lost.
+    fn send_chain(
+        &mut self,
+        backend: &mut dyn PortBackend,
+        mem: &GuestMemoryMmap,
+        total: usize,
+        progress: &mut Progress,
+    ) -> Result<(), PortError> {
+        if total == 0 {
+            return Ok(());
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_TX_IOVECS];
+        let mut direct = self.segs.len() <= MAX_TX_IOVECS;
+        if direct {
+            for (slot, &(addr, len)) in iov.iter_mut().zip(&self.segs) {
+                match mem.get_slice(addr, len) {
+                    Ok(slice) => {
+                        *slot = libc::iovec {
+                            iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                            iov_len: len,
+                        }
+                    }
+                    Err(_) => {
+                        direct = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let sent = if direct {
+            // SAFETY: each iovec is a guest memory slice `get_slice` checked, and guest memory
+            // stays mapped while the device runs.
+            unsafe { backend.write_iov(&iov[..self.segs.len()]) }
+        } else {
+            Some(0)
+        };
+        let sent = match sent {
+            None => {
+                self.discarded += total as u64;
+                if !backend.connected() {
+                    progress.hung_up = true;
+                }
+                return Ok(());
+            }
+            Some(n) => n.min(total),
+        };
+        self.to_host += sent as u64;
+        // The rest waits in `out` (the chain goes back to the guest now).
+        let mut skip = sent;
+        for &(addr, len) in &self.segs {
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let at = self.out.len();
+            self.out.resize(at + len - skip, 0);
+            if let Err(e) = mem.read_slice(&mut self.out[at..], GuestAddress(addr.0 + skip as u64))
+            {
+                self.out.truncate(at);
+                return Err(e.into());
+            }
+            skip = 0;
+        }
+        Ok(())
     }
 
     /// Moves host input into the guest's buffers on `rx` while there are some (the caller
