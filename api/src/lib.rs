@@ -16,8 +16,8 @@ pub mod server;
 
 pub use action::{
     ActionError, AgentInfo, AgentVerb, GuestShutdownMode, MigrationCapability,
-    MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats, ShutdownCause, VcpuInfo,
-    VersionInfo, VmEvent, VmInfo, VmState, VmmAction, VmmResponse,
+    MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats, Refusal, ShutdownCause,
+    VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction, VmmResponse,
 };
 pub use config::{
     BalloonConfig, BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat,

@@ -18,7 +18,7 @@ use api::action::{
 };
 use api::controller::{ControllerInbox, EventBus};
 use api::{
-    ActionError, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState,
+    ActionError, Refusal, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState,
     VmmAction, VmmResponse,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -280,12 +280,14 @@ impl Control {
         if let Err(e) = self.state.get().check(&req.action) {
             return (req.reply)(Err(e));
         }
-        let failed = |reason: String| ActionError::Failed {
+        let refused = |kind: Refusal, reason: String| ActionError::Refused {
             action: "agent",
             reason,
+            kind,
         };
         let Some(agent) = &self.vm.agent else {
-            return (req.reply)(Err(failed(
+            return (req.reply)(Err(refused(
+                Refusal::NotNow,
                 "the VM has no guest agent channel (start it with --agent or \"agent\": true)"
                     .into(),
             )));
@@ -313,13 +315,13 @@ impl Control {
             ),
             reply: Box::new(move |r| {
                 let r = r
-                    .map_err(|e| failed(e.to_string()))
+                    .map_err(|e| refused(agent_refusal(&e), e.to_string()))
                     .and_then(|v| match verb {
                         None => Ok(VmmResponse::Agent(v)),
                         Some(api::AgentVerb::Shutdown { .. }) => Ok(VmmResponse::Done),
                         Some(verb) => crate::agent_verbs::answer(verb, sent.as_ref(), v)
                             .map(VmmResponse::Agent)
-                            .map_err(failed),
+                            .map_err(|reason| refused(Refusal::GuestError, reason)),
                     });
                 reply(r)
             }),
@@ -433,7 +435,11 @@ impl Control {
                     true => (*target).min(b.memory_bytes()),
                     false => *target,
                 };
-                b.set_target(target).map_err(|e| failed(e.to_string()))?;
+                b.set_target(target).map_err(|e| ActionError::Refused {
+                    action: "balloon",
+                    reason: e.to_string(),
+                    kind: Refusal::BadArgument,
+                })?;
             }
             VmmAction::GetBalloon => {
                 let b = self.vm.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
@@ -623,6 +629,19 @@ impl Drop for Control {
 }
 
 /// The vCPU threads' ids now (0 for one not started).
+/// Whose side an agent failure is on: a command the agent refused or one that was malformed
+/// is the client's (400), a channel with nobody on it is "not now" (409), silence and garbage
+/// are the guest's (504, 502).
+fn agent_refusal(e: &crate::agent::AgentError) -> Refusal {
+    use crate::agent::AgentError::*;
+    match e {
+        Refused { .. } | BadCommand(_) => Refusal::BadArgument,
+        Closed => Refusal::NotNow,
+        Timeout(_) => Refusal::GuestTimeout,
+        Garbage(_) => Refusal::GuestError,
+    }
+}
+
 fn vcpu_tids(control: &crate::vcpu::VcpuControl) -> Vec<i32> {
     control
         .thread_ids()

@@ -475,6 +475,16 @@ pub enum ActionError {
         /// What went wrong.
         reason: String,
     },
+    /// The request cannot be carried out as asked; nothing changed (QEMU's `GenericError`).
+    #[error("{action} failed: {reason}")]
+    Refused {
+        /// The action's name.
+        action: &'static str,
+        /// Why.
+        reason: String,
+        /// Whose side the trouble is on.
+        kind: Refusal,
+    },
     /// The VMM thread is gone (the VM is shutting down).
     #[error("the VMM is shutting down")]
     Unavailable,
@@ -484,6 +494,20 @@ pub enum ActionError {
     /// The VM has no balloon (QEMU's `DeviceNotActive`, with its text).
     #[error("No balloon device has been activated")]
     NoBalloon,
+}
+
+/// Why a request was refused (REST gives each its own status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An argument is out of range or malformed (400).
+    BadArgument,
+    /// What the request needs is not there now: no guest agent channel, or its client is
+    /// gone (409, like a request refused in the VM's state).
+    NotNow,
+    /// The guest did not answer in time (504).
+    GuestTimeout,
+    /// The guest answered with an error or with garbage (502).
+    GuestError,
 }
 
 impl VmState {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::action::{ActionError, AgentVerb, GuestShutdownMode, VmmAction, VmmResponse};
+use crate::action::{ActionError, AgentVerb, GuestShutdownMode, Refusal, VmmAction, VmmResponse};
 use crate::controller::Reply;
 
 /// One operation of the API.
@@ -551,6 +551,15 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),
         Err(e @ ActionError::InvalidState { .. }) => Response::error(409, e.to_string()),
         Err(e @ ActionError::Failed { .. }) => Response::error(500, e.to_string()),
+        Err(ref e @ ActionError::Refused { kind, .. }) => {
+            let status = match kind {
+                Refusal::BadArgument => 400,
+                Refusal::NotNow => 409,
+                Refusal::GuestTimeout => 504,
+                Refusal::GuestError => 502,
+            };
+            Response::error(status, e.to_string())
+        }
         Err(e @ ActionError::Unavailable) => Response::error(503, e.to_string()),
         Err(e @ ActionError::DeviceNotFound(_)) => Response::error(404, e.to_string()),
         Err(ActionError::NoBalloon) => Response::error(
@@ -678,6 +687,22 @@ mod tests {
             reason: "x".into(),
         };
         assert_eq!(respond(Route::Reset, Err(failed)).status, 500);
+        // A refusal is the client's (400), the moment's (409) or the guest's (502, 504).
+        for (kind, status) in [
+            (Refusal::BadArgument, 400),
+            (Refusal::NotNow, 409),
+            (Refusal::GuestError, 502),
+            (Refusal::GuestTimeout, 504),
+        ] {
+            let refused = ActionError::Refused {
+                action: "agent",
+                reason: "x".into(),
+                kind,
+            };
+            let r = respond(Route::Agent, Err(refused));
+            assert_eq!(r.status, status, "{kind:?}");
+            assert_eq!(r.body.unwrap()["error"], "agent failed: x");
+        }
     }
 
     #[test]
