@@ -12,6 +12,7 @@ need qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs xz-utils socat
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 python3 -c 'import prometheus_client' 2>/dev/null || python3 -m pip install -q prometheus_client
+command -v schemathesis >/dev/null || python3 -m pip install -q schemathesis
 bash "$ROOT/resources/guest/build.sh"
 cd "$ROOT"
 # The nested box has flakes of its own (see README.md: QEMU/TCG's SVM emulation can crash or
