@@ -699,6 +699,13 @@ class L2:
                                f"echo \"--- thread $(cat $t/comm): $(cut -d' ' -f3 $t/stat) "
                                f"wchan=$(cat $t/wchan) syscall=$(cut -d' ' -f1 $t/syscall)\"; "
                                f"head -n 8 $t/stack 2>/dev/null; done; "
+                               # ... and where its vCPUs are: a second of KVM exits (guest RIPs).
+                               f"[ -e {self.dir}/rc ] || {{ T=/sys/kernel/tracing; "
+                               f"[ -e $T/trace ] || mount -t tracefs nodev $T 2>/dev/null; "
+                               f"echo > $T/trace; echo 1 > $T/events/kvm/kvm_exit/enable && "
+                               f"sleep 1; echo 0 > $T/events/kvm/kvm_exit/enable; "
+                               f"echo '--- KVM exits in one second (the last 40)'; "
+                               f"grep -v '^#' $T/trace | tail -n 40; }} 2>/dev/null; "
                                f"echo '--- stdout (tail)'; tail -n {lines} {self.dir}/out; "
                                f"echo '--- stderr (tail)'; tail -n {lines} {self.dir}/err", timeout=60)[1]
         except Exception as e:  # the box itself may be gone
