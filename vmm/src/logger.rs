@@ -115,9 +115,9 @@ fn format_line(level: Level, thread: Option<&str>, target: &str, msg: &str) -> S
     )
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for `secs` since the epoch (the civil calendar, proleptic
-/// Gregorian; Howard Hinnant's days-to-date algorithm).
-pub fn utc_timestamp(secs: u64, millis: u32) -> String {
+/// The UTC calendar date and time of `secs` since the Unix epoch: (year, month, day, hour,
+/// minute, second), proleptic Gregorian (Howard Hinnant's days-to-civil algorithm).
+pub fn utc_civil(secs: u64) -> (u64, u64, u64, u64, u64, u64) {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -129,12 +129,13 @@ pub fn utc_timestamp(secs: u64, millis: u32) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    (year, month, day, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for `secs` since the epoch.
+pub fn utc_timestamp(secs: u64, millis: u32) -> String {
+    let (y, mo, d, h, mi, s) = utc_civil(secs);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{millis:03}Z")
 }
 
 /// Installs the logger: records at `level` and above go to `file` (appended to), or stderr.
