@@ -628,7 +628,6 @@ impl Drop for Control {
     }
 }
 
-/// The vCPU threads' ids now (0 for one not started).
 /// Whose side an agent failure is on: a command the agent refused or one that was malformed
 /// is the client's (400), a channel with nobody on it is "not now" (409), silence and garbage
 /// are the guest's (504, 502).
@@ -642,6 +641,7 @@ fn agent_refusal(e: &crate::agent::AgentError) -> Refusal {
     }
 }
 
+/// The vCPU threads' ids now (0 for one not started).
 fn vcpu_tids(control: &crate::vcpu::VcpuControl) -> Vec<i32> {
     control
         .thread_ids()
