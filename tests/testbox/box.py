@@ -766,7 +766,7 @@ def retry_on_flake(fn):
             try:
                 return fn(*args, **kwargs)
             except (BootStall, BoxError, TimeoutError, AssertionError) as e:
-                why = flake_reason(e, box)
+                why = flake_reason(e, box) or triple_fault_of(vms)
                 if why is None or attempt == FLAKE_RETRIES:
                     raise
                 log(f"{fn.__name__}: {why} -- known nested-TCG flake, running it again")
@@ -803,6 +803,18 @@ def flake_reason(e: BaseException, box: "Box | None") -> str | None:
         return "an L2 vCPU stopped for good (nested SVM under TCG)"
     if box is not None and not box.healthy():
         return f"L1 died or stopped answering: {box.crash_signature() or box._exit_note()}"
+    return None
+
+
+def triple_fault_of(vms) -> str | None:
+    """The nested-SVM triple fault (see flake_reason) when an L2 of the scenario ended with one
+    while the scenario was failing on something else (a client that lost the VMM's socket)."""
+    for vm in getattr(vms, "started", []):
+        try:
+            if vm.exited() is not None and "the guest triple-faulted" in vm.stderr():
+                return "an L2 vCPU triple-faulted (nested SVM under TCG)"
+        except Exception:  # the box itself may be gone; flake_reason judges that
+            return None
     return None
 
 
