@@ -207,7 +207,7 @@ impl Meter {
             .collect();
         if base.is_none() || dt < 0.01 {
             let why = "the VM has just started: no earlier sample to compute rates against yet";
-            for f in RATE_FIGURES {
+            for f in HOST_RATE_FIGURES.iter().chain(&DISK_RATE_FIGURES) {
                 m.unavailable(f, why);
             }
             return m;
@@ -292,18 +292,8 @@ const DISK_RATE_FIGURES: [&str; 6] = [
     "diskWriteDelay",
 ];
 
-/// Every figure computed over the interval.
-const RATE_FIGURES: [&str; 9] = [
-    "cpuUsage",
-    "networkReceive",
-    "networkTransfer",
-    "diskReadRequest",
-    "diskWriteRequest",
-    "diskReadRate",
-    "diskWriteRate",
-    "diskReadDelay",
-    "diskWriteDelay",
-];
+/// The figures computed over the interval besides the disks' ([`DISK_RATE_FIGURES`]).
+const HOST_RATE_FIGURES: [&str; 3] = ["cpuUsage", "networkReceive", "networkTransfer"];
 
 /// Milliseconds per request, if there was one.
 fn delay(total_ns: u64, count: u64) -> Option<f64> {
