@@ -90,26 +90,14 @@ pub(super) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < buf.len() {
         let rest = &buf[sent..];
-        // SAFETY: `rest` is valid for reads of `rest.len()` bytes. MSG_NOSIGNAL turns a closed
-        // peer into EPIPE instead of SIGPIPE; MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::send(
-                fd,
-                rest.as_ptr().cast(),
-                rest.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            // `n` is non-negative and at most `rest.len()`.
-            sent += n as usize;
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => break,
-            _ => return Err(err),
+        let iov = [libc::iovec {
+            iov_base: rest.as_ptr().cast_mut().cast(),
+            iov_len: rest.len(),
+        }];
+        // SAFETY: the iovec names `rest`, valid for reads of its length during the call.
+        match unsafe { send_iov_nonblocking(fd, &iov) }? {
+            0 => break,
+            n => sent += n,
         }
     }
     Ok(sent)
