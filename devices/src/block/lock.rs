@@ -200,6 +200,11 @@ pub struct ImageLock {
     /// A descriptor of the open file description that owns the locks.
     file: File,
     access: Access,
+    /// The image, for messages.
+    path: PathBuf,
+    /// Whether the locks are held now (they are let go while another process, the
+    /// destination of a live migration, takes the image over).
+    held: bool,
 }
 
 impl ImageLock {
@@ -262,7 +267,55 @@ impl ImageLock {
             }
         }
         let file = file.try_clone().map_err(fail)?;
-        Ok(Some(ImageLock { file, access }))
+        Ok(Some(ImageLock {
+            file,
+            access,
+            path: path.to_path_buf(),
+            held: true,
+        }))
+    }
+
+    /// Lets every lock go, so that another process may take the image over (QEMU inactivates
+    /// its images the same way at a migration's switchover). The caller stops writing first.
+    pub fn hand_over(&mut self) {
+        unlock_all(self.file.as_raw_fd());
+        self.held = false;
+    }
+
+    /// Takes the locks back after [`ImageLock::hand_over`]; fails, holding nothing, when
+    /// someone else took the image meanwhile.
+    pub fn take_back(&mut self) -> Result<(), Error> {
+        if self.held {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        let fail = |source: io::Error| Error::Lock {
+            path: self.path.clone(),
+            source,
+        };
+        for byte in self.access.lock_bytes() {
+            if let Err(e) = set_lock(fd, byte, libc::F_RDLCK as libc::c_short) {
+                unlock_all(fd);
+                return Err(fail(e));
+            }
+        }
+        match conflicts(fd, self.access) {
+            Ok(c) if c.is_empty() => {
+                self.held = true;
+                Ok(())
+            }
+            Ok(locked) => {
+                unlock_all(fd);
+                Err(Error::InUse {
+                    path: self.path.clone(),
+                    locked,
+                })
+            }
+            Err(e) => {
+                unlock_all(fd);
+                Err(fail(e))
+            }
+        }
     }
 
     /// Opens `path` only to hold locks on it (for images whose engine opens its own file):
@@ -412,17 +465,40 @@ pub fn open_checked(path: &Path, read_only: bool, flags: libc::c_int) -> super::
     Ok(file)
 }
 
+/// Opens an image again (after another process may have changed it).
+pub type Reopen<T> = Box<dyn Fn() -> super::Result<T> + Send>;
+
 /// An image whose engine owns its file, plus the locks that keep others off it.
-#[derive(Debug)]
 pub struct Locked<T> {
     inner: T,
-    _lock: Option<ImageLock>,
+    lock: Option<ImageLock>,
+    reopen: Option<Reopen<T>>,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Locked<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locked")
+            .field("inner", &self.inner)
+            .field("lock", &self.lock)
+            .finish()
+    }
 }
 
 impl<T: DiskImage> Locked<T> {
     /// Ties `lock` to `inner`'s lifetime.
     pub fn new(inner: T, lock: Option<ImageLock>) -> Self {
-        Locked { inner, _lock: lock }
+        Locked {
+            inner,
+            lock,
+            reopen: None,
+        }
+    }
+
+    /// How to open the image again when it is taken back after a hand-over: the engine's
+    /// cached metadata may be stale by then.
+    pub fn with_reopen(mut self, reopen: Reopen<T>) -> Self {
+        self.reopen = Some(reopen);
+        self
     }
 
     /// The image.
@@ -452,6 +528,22 @@ impl<T: DiskImage> DiskImage for Locked<T> {
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> super::Result<()> {
         self.inner.write_zeroes(offset, len)
+    }
+    fn hand_over(&mut self) -> super::Result<()> {
+        self.inner.flush()?;
+        if let Some(l) = &mut self.lock {
+            l.hand_over();
+        }
+        Ok(())
+    }
+    fn take_back(&mut self) -> super::Result<()> {
+        if let Some(l) = &mut self.lock {
+            l.take_back()?;
+        }
+        if let Some(reopen) = &self.reopen {
+            self.inner = reopen()?;
+        }
+        Ok(())
     }
 }
 
@@ -559,6 +651,57 @@ mod tests {
         let _r2 = open(&p, None, &ro).unwrap();
         assert!(open(&p, None, &o).is_err());
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn images_are_handed_over_and_taken_back() {
+        // A live migration's switchover: the source lets go, the destination takes the image;
+        // the source cannot take it back while the destination holds it.
+        for fmt in ["raw", "qcow2"] {
+            let p = test_dir().join(format!("lock-hand-{fmt}-{}", std::process::id()));
+            let _ = std::fs::remove_file(&p);
+            let o = OpenOptions::default();
+            let open_it = || match fmt {
+                "raw" => raw(&p, false),
+                _ => open(&p, None, &o),
+            };
+            if fmt == "raw" {
+                std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+            } else {
+                crate::block::qcow2::create::create(
+                    &p,
+                    &crate::block::qcow2::create::CreateOptions::new(1 << 20),
+                )
+                .unwrap();
+            }
+            let mut src = open_it().unwrap();
+            src.write_at(b"from the source", 0).unwrap();
+            assert!(open_it().is_err());
+            src.hand_over().unwrap();
+            assert!(held(&p).is_empty(), "{fmt}: locks left after the hand-over");
+            let mut dst = open_it().unwrap();
+            let mut buf = [0u8; 15];
+            dst.read_at(&mut buf, 0).unwrap();
+            assert_eq!(
+                &buf, b"from the source",
+                "{fmt}: the source's write was flushed"
+            );
+            dst.write_at(b"from the destin", 0).unwrap();
+            dst.flush().unwrap();
+            let msg = src.take_back().err().unwrap().to_string();
+            assert!(msg.contains("in use by another process"), "{fmt}: {msg}");
+            drop(dst);
+            src.take_back().unwrap();
+            assert!(
+                open_it().is_err(),
+                "{fmt}: the source holds its locks again"
+            );
+            // What the destination wrote is seen: metadata is read afresh.
+            src.read_at(&mut buf, 0).unwrap();
+            assert_eq!(&buf, b"from the destin", "{fmt}");
+            drop(src);
+            std::fs::remove_file(&p).unwrap();
+        }
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub trait DiskImage: Send {
     fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
     /// Makes a range read as zeros, cheaply where the format allows it.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Flushes and lets the image's locks go, so that another process (a live migration's
+    /// destination) may take it over; nothing may be written until [`DiskImage::take_back`].
+    fn hand_over(&mut self) -> Result<()> {
+        self.flush()
+    }
+    /// Takes the image back after [`DiskImage::hand_over`]: its locks again (refused if
+    /// someone else holds the image now), and fresh metadata.
+    fn take_back(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
@@ -223,7 +233,11 @@ pub fn open(
                 );
             }
             let img = qcow2::Qcow2Image::open(path, opts).map_err(|e| wrap(path, e))?;
-            Ok(Box::new(lock::Locked::new(img, lock)))
+            let (again, again_opts) = (path.to_path_buf(), opts.clone());
+            let reopen = Box::new(move || {
+                qcow2::Qcow2Image::open(&again, &again_opts).map_err(|e| wrap(&again, e))
+            });
+            Ok(Box::new(lock::Locked::new(img, lock).with_reopen(reopen)))
         }
     }
 }

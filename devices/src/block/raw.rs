@@ -28,7 +28,7 @@ pub struct RawImage {
     direct: Option<Direct>,
     /// `fdatasync` calls issued (flushes that reached the host).
     syncs: u64,
-    _lock: Option<ImageLock>,
+    lock: Option<ImageLock>,
 }
 
 /// O_DIRECT state: aligned I/O below `end`, buffered I/O through `tail` above it.
@@ -66,7 +66,7 @@ impl RawImage {
         let lock =
             ImageLock::acquire(&file, path, Access::raw_drive(opts.read_only), opts.locking)?;
         let mut img = Self::from_file(file, opts.read_only)?;
-        img._lock = lock;
+        img.lock = lock;
         img.cache = opts.cache;
         if opts.cache.direct() {
             img.direct = Some(img.setup_direct(path)?);
@@ -86,7 +86,7 @@ impl RawImage {
             block_device,
             direct: None,
             syncs: 0,
-            _lock: None,
+            lock: None,
         })
     }
 
@@ -221,6 +221,20 @@ pub(crate) fn read_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::i
 impl DiskImage for RawImage {
     fn size(&self) -> u64 {
         self.size
+    }
+    fn hand_over(&mut self) -> Result<()> {
+        self.flush()?;
+        if let Some(l) = &mut self.lock {
+            l.hand_over();
+        }
+        Ok(())
+    }
+    fn take_back(&mut self) -> Result<()> {
+        // Raw data is not cached here (the page cache is coherent, O_DIRECT bypasses it).
+        if let Some(l) = &mut self.lock {
+            l.take_back()?;
+        }
+        Ok(())
     }
 
     fn read_only(&self) -> bool {
