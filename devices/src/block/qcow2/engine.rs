@@ -12,10 +12,10 @@ use crate::block::raw::read_zero_fill;
 
 /// Flush on our own once this many deferred frees pile up, so discards without guest flushes
 /// still give space back.
-const MAX_PENDING_FREES: usize = 4096;
+pub(crate) const MAX_PENDING_FREES: usize = 4096;
 
 impl Qcow2Image {
-    fn l1_shift(&self) -> u32 {
+    pub(crate) fn l1_shift(&self) -> u32 {
         2 * self.header.cluster_bits - 3
     }
 
@@ -198,7 +198,7 @@ impl Qcow2Image {
     }
 
     /// Sets the dirty bit before the first write when lazy refcounts are on.
-    fn mark_dirty_if_lazy(&mut self) -> Result<()> {
+    pub(crate) fn mark_dirty_if_lazy(&mut self) -> Result<()> {
         if self.lazy && !self.marked_dirty {
             self.header.incompatible_features |= super::header::INCOMPAT_DIRTY;
             self.file.write_all_at(
@@ -349,7 +349,11 @@ impl Qcow2Image {
         let mut cbuf = vec![0u8; cs as usize];
         if !zero_source {
             // Reading may touch the L2 cache (not for these mappings) or the backing file only.
-            let limit = (self.header.size - cluster_start).min(cs) as usize;
+            // Clusters of the VM state area lie past the disk end: those take a whole cluster.
+            let limit = match self.header.size.checked_sub(cluster_start) {
+                Some(left) if left > 0 => left.min(cs) as usize,
+                _ => cs as usize,
+            };
             match m {
                 Mapping::Normal { host, .. } => {
                     self.check_data_cluster(cluster_start, host)?;

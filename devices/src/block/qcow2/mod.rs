@@ -4,7 +4,8 @@
 //! [`refcount`] (refcount blocks), `alloc` (cluster allocation, refcount table growth, deferred
 //! frees), `backing` (backing chains and their policy), `compress` (zlib/zstd clusters),
 //! `engine` (the read/write/discard paths and the flush ordering), [`snapshot`] (internal
-//! snapshots), [`check`] (consistency check and repair), `resize` and [`create`].
+//! snapshots), [`vmstate`] (the VM state area of `savevm` snapshots), [`check`] (consistency
+//! check and repair), `resize` and [`create`](mod@create).
 //!
 //! Crash safety rests on two rules, applied by `engine::flush` and the eviction paths:
 //! refcount increments reach the disk (and are synced) before any L1/L2 entry that uses the
@@ -23,6 +24,7 @@ pub mod l2cache;
 pub mod refcount;
 mod resize;
 pub mod snapshot;
+pub mod vmstate;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -172,6 +174,17 @@ pub enum Error {
     /// Snapshot name taken.
     #[error("a snapshot named {0:?} already exists")]
     SnapshotExists(String),
+    /// A VM state request beyond [`vmstate::MAX_VM_STATE_BYTES`].
+    #[error("VM state request of {len} bytes at position {pos} is beyond the VM state limit")]
+    VmStateTooLarge {
+        /// Position in the VM state.
+        pos: u64,
+        /// Bytes requested.
+        len: u64,
+    },
+    /// `loadvm` of a snapshot that has no VM state (QEMU's words).
+    #[error("This is a disk-only snapshot. Revert to it offline using qemu-img")]
+    DiskOnlySnapshot(String),
     /// Shrinking is not supported.
     #[error("shrinking from {from} to {to} bytes is not supported")]
     Shrink {

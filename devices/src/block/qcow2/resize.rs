@@ -24,38 +24,57 @@ impl Qcow2Image {
         if new_size > (1u64 << 61) {
             return Err(Error::SizeTooLarge(new_size));
         }
-        self.flush_all()?;
         let needed = Header::l1_entries_for(new_size, self.header.cluster_bits);
-        if needed * 8 > MAX_L1_BYTES {
-            return Err(Error::TableTooLarge("L1", needed * 8));
+        self.grow_l1(needed, true)?;
+        self.header.size = new_size;
+        self.write_header()?;
+        Ok(())
+    }
+
+    /// Makes the active L1 table hold at least `min_entries` entries, as QEMU's
+    /// `qcow2_grow_l1_table`: exactly that many when `exact`, otherwise by steps of 1.5 times
+    /// (so a VM state written chunk by chunk doesn't move the table at every new L2 table). The
+    /// new table is written and synced, the header switched to it, and the old one freed.
+    pub(crate) fn grow_l1(&mut self, min_entries: u64, exact: bool) -> Result<()> {
+        let cur = self.l1.len() as u64;
+        if min_entries <= cur {
+            return Ok(());
         }
-        if needed > self.l1.len() as u64 {
-            let n = (needed * 8).div_ceil(self.cs);
-            let off = self.alloc_clusters(n)?;
-            let mut l1 = self.l1.clone();
-            l1.resize(needed as usize, 0);
-            let mut b = super::encode_table(&l1);
-            b.resize((n * self.cs) as usize, 0);
-            self.refcount_barrier()?;
-            self.file.write_all_at(&b, off)?;
-            self.note_written(off, n * self.cs);
-            self.file.sync_data()?;
-            let old_off = self.header.l1_table_offset;
-            let old_bytes = self.l1.len() as u64 * 8;
-            self.header.l1_table_offset = off;
-            self.header.l1_size = needed as u32;
-            self.header.size = new_size;
-            self.write_header()?;
-            self.l1 = l1;
-            if old_off != 0 && old_bytes > 0 {
-                self.free_later(old_off, old_bytes.div_ceil(self.cs));
-            }
-            self.flush_all()?;
-            self.rebuild_metadata_set();
+        let entries = if exact {
+            min_entries
         } else {
-            self.header.size = new_size;
-            self.write_header()?;
+            let mut n = cur.max(1);
+            while n < min_entries {
+                n = (n * 3).div_ceil(2);
+            }
+            n
+        };
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::TableTooLarge("L1", entries * 8));
         }
+        self.flush_all()?;
+        let n = (entries * 8).div_ceil(self.cs);
+        let off = self.alloc_clusters(n)?;
+        let mut l1 = self.l1.clone();
+        l1.resize(entries as usize, 0);
+        let mut b = super::encode_table(&l1);
+        b.resize((n * self.cs) as usize, 0);
+        self.refcount_barrier()?;
+        self.file.write_all_at(&b, off)?;
+        self.note_written(off, n * self.cs);
+        self.file.sync_data()?;
+        let old_off = self.header.l1_table_offset;
+        let old_bytes = self.l1.len() as u64 * 8;
+        self.header.l1_table_offset = off;
+        self.header.l1_size = entries as u32;
+        self.write_header()?;
+        self.l1 = l1;
+        self.l1_dirty = false;
+        if old_off != 0 && old_bytes > 0 {
+            self.free_later(old_off, old_bytes.div_ceil(self.cs));
+        }
+        self.flush_all()?;
+        self.rebuild_metadata_set();
         Ok(())
     }
 }

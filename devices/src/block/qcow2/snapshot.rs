@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::header::{Header, MAX_L1_BYTES};
+use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::{read_meta, Error, Mapping, Qcow2Image, Result, L1E_OFFSET_MASK, OFLAG_COPIED};
 
 /// QEMU's limit on snapshot extra data.
@@ -150,6 +150,12 @@ pub fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
 }
 
 impl Qcow2Image {
+    /// The snapshot with id `id_or_name`, or else the first one named so (QEMU's
+    /// `find_snapshot_by_id_or_name`).
+    pub fn snapshot(&self, id_or_name: &str) -> Result<&Snapshot> {
+        Ok(&self.snapshots[self.find_snapshot(id_or_name)?])
+    }
+
     fn find_snapshot(&self, name: &str) -> Result<usize> {
         self.snapshots
             .iter()
@@ -291,10 +297,32 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Creates an internal snapshot of the active disk (like `qemu-img snapshot -c`).
+    /// Creates an internal snapshot of the active disk (like `qemu-img snapshot -c`): a
+    /// disk-only snapshot.
     pub fn create_snapshot(&mut self, name: &str) -> Result<()> {
+        self.create_snapshot_with_state(name, 0, 0)
+    }
+
+    /// Creates an internal snapshot that carries a VM state (QEMU's `savevm`): the caller has
+    /// written `vm_state_size` bytes at position 0 of the VM state area
+    /// ([`write_vm_state`](Self::write_vm_state)); `vm_clock_nsec` is the guest clock to record.
+    ///
+    /// As `qcow2_snapshot_create` does, the snapshot's L1 table is a copy of the whole active
+    /// one, entries of the VM state area included, and once the snapshot is recorded the VM
+    /// state clusters are discarded from the active disk (they would only cost copy-on-write at
+    /// the next snapshot): the state then lives in the snapshot alone.
+    pub fn create_snapshot_with_state(
+        &mut self,
+        name: &str,
+        vm_state_size: u64,
+        vm_clock_nsec: u64,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
+        }
+        self.vm_state_start(0, vm_state_size)?;
+        if self.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::TooManySnapshots(self.snapshots.len() as u32 + 1));
         }
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(Error::SnapshotExists(name.to_string()));
@@ -330,14 +358,23 @@ impl Qcow2Image {
             name: name.to_string(),
             date_sec: now.as_secs() as u32,
             date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
+            vm_clock_nsec,
+            vm_state_size,
             disk_size: self.header.size,
             extra_tail: u64::MAX.to_be_bytes().to_vec(), // icount: not recorded
         });
         self.store_snapshot_table(snaps)?;
         self.flush_all()?;
         self.rebuild_metadata_set();
+        if vm_state_size > 0 {
+            // The snapshot is complete and durable here. Like QEMU, a failure to drop the
+            // state from the active disk does not undo it: the clusters stay referenced by
+            // both tables (consistent, only bigger), and the error resurfaces at the next
+            // flush if the file is failing.
+            let _ = self
+                .discard_vm_state(vm_state_size)
+                .and_then(|()| self.flush_all());
+        }
         Ok(())
     }
 
@@ -365,7 +402,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Reverts the active disk to a snapshot (like `qemu-img snapshot -a`).
+    /// Reverts the active disk to a snapshot (like `qemu-img snapshot -a`). The whole L1 table
+    /// of the snapshot is copied, so the VM state area comes back with the disk (what `loadvm`
+    /// then reads). As in `qcow2_snapshot_goto`, the active table keeps its size if it is the
+    /// bigger one (padded with empty entries), and is never smaller than the disk needs.
     pub fn apply_snapshot(&mut self, name: &str) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -373,7 +413,15 @@ impl Qcow2Image {
         let i = self.find_snapshot(name)?;
         self.flush_all()?;
         let sn = self.snapshots[i].clone();
-        let new_l1 = self.read_l1_at(sn.l1_offset, sn.l1_size)?;
+        let mut new_l1 = self.read_l1_at(sn.l1_offset, sn.l1_size)?;
+        let disk_entries = Header::l1_entries_for(sn.disk_size, self.header.cluster_bits);
+        let entries = (self.l1.len() as u64)
+            .max(u64::from(sn.l1_size))
+            .max(disk_entries);
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::TableTooLarge("L1", entries * 8));
+        }
+        new_l1.resize(entries as usize, 0);
         self.ref_l1_tree(&new_l1, 1)?;
         // A fresh active L1 table holding the snapshot's entries.
         let n = (new_l1.len() as u64 * 8).max(8).div_ceil(self.cs);
@@ -387,7 +435,7 @@ impl Qcow2Image {
         let old_l1 = std::mem::replace(&mut self.l1, new_l1);
         let old_off = self.header.l1_table_offset;
         self.header.l1_table_offset = off;
-        self.header.l1_size = sn.l1_size;
+        self.header.l1_size = entries as u32;
         self.header.size = sn.disk_size;
         self.write_header()?;
         self.ref_l1_tree(&old_l1, -1)?;
