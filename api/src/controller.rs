@@ -42,7 +42,8 @@ impl std::fmt::Debug for ActionRequest {
 pub struct ControllerHandle {
     tx: Sender<ActionRequest>,
     waker: Arc<EventFd>,
-    /// A restore went through one of the doors (QEMU's `migrate-incoming` may run only once).
+    /// A restore or an incoming live migration went through one of the doors (QEMU's
+    /// `migrate-incoming` may run only once).
     restore_started: Arc<AtomicBool>,
 }
 
@@ -50,7 +51,11 @@ impl ControllerHandle {
     /// Queues `action`; `reply` is called with the result on the VMM thread. If the VMM thread is
     /// gone, `reply` is called at once with [`ActionError::Unavailable`].
     pub fn submit(&self, action: VmmAction, reply: ReplyFn) {
-        let reply: ReplyFn = if matches!(action, VmmAction::Restore { .. }) {
+        let incoming = matches!(
+            action,
+            VmmAction::Restore { .. } | VmmAction::MigrateIncoming { .. }
+        );
+        let reply: ReplyFn = if incoming {
             let started = Arc::clone(&self.restore_started);
             Box::new(move |r: Reply| {
                 if r.is_ok() {
@@ -70,7 +75,8 @@ impl ControllerHandle {
         }
     }
 
-    /// Whether a [`VmmAction::Restore`] submitted through this handle (or a clone) succeeded:
+    /// Whether a [`VmmAction::Restore`] or [`VmmAction::MigrateIncoming`] submitted through this
+    /// handle (or a clone) succeeded:
     /// QMP then answers a second `migrate-incoming` the way QEMU does ("already started")
     /// rather than "'-incoming' was not specified".
     pub fn restore_started(&self) -> bool {
@@ -259,6 +265,17 @@ mod tests {
             (r.reply)(Ok(VmmResponse::Done));
         }
         assert!(other.restore_started());
+    }
+
+    #[test]
+    fn an_incoming_live_migration_counts_as_started() {
+        let (handle, inbox) = action_channel().unwrap();
+        let from = crate::MigrationAddress::Unix("/run/m.sock".into());
+        handle.submit(VmmAction::MigrateIncoming { from }, Box::new(|_| {}));
+        for r in inbox.drain() {
+            (r.reply)(Ok(VmmResponse::Done));
+        }
+        assert!(handle.restore_started());
     }
 
     #[test]

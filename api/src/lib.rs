@@ -15,9 +15,10 @@ pub mod qmp;
 pub mod server;
 
 pub use action::{
-    ActionError, AgentInfo, AgentVerb, GuestShutdownMode, MigrationCapability,
-    MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats, Refusal, ShutdownCause,
-    VcpuInfo, VersionInfo, VmEvent, VmInfo, VmState, VmmAction, VmmResponse,
+    ActionError, AgentInfo, AgentVerb, GuestShutdownMode, MigrationAddress, MigrationCapability,
+    MigrationCapabilityState, MigrationInfo, MigrationParameters, MigrationParametersUpdate,
+    MigrationStatus, RamStats, Refusal, ShutdownCause, VcpuInfo, VersionInfo, VmEvent, VmInfo,
+    VmState, VmmAction, VmmResponse,
 };
 pub use config::{
     BalloonConfig, BootConfig, CacheMode, ChannelConfig, ConfigError, DiskConfig, DiskFormat,

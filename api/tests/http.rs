@@ -241,7 +241,8 @@ fn snapshot_and_migration_info() {
     assert_eq!(
         r.json(),
         json!({"status": "none", "total_time_ms": null, "setup_time_ms": null,
-               "downtime_ms": null, "ram": null, "error_desc": null})
+               "downtime_ms": null, "expected_downtime_ms": null, "ram": null,
+               "error_desc": null})
     );
 
     // Body validation: nothing reaches the VMM.
@@ -334,5 +335,78 @@ fn restore_into_a_waiting_vmm() {
         "completed"
     );
     assert_eq!(c.request_body("PUT", "/vm/restore", &body).status, 409);
+    drop(server);
+}
+
+#[test]
+fn live_migration_over_rest() {
+    let (vmm, server, sock) = start("live", Limits::http());
+    let mut c = Http::connect(&sock);
+    assert_eq!(
+        c.request("GET", "/vm/migrate").json(),
+        c.request("GET", "/vm/migration").json()
+    );
+    let p = c.request("GET", "/vm/migrate/parameters");
+    assert_eq!(p.status, 200);
+    assert_eq!(
+        p.json(),
+        json!({"downtime_limit_ms": 300, "max_bandwidth": 134_217_728})
+    );
+    let r = c.request_body(
+        "PUT",
+        "/vm/migrate/parameters",
+        r#"{"downtime_limit_ms": 100}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        c.request("GET", "/vm/migrate/parameters").json(),
+        json!({"downtime_limit_ms": 100, "max_bandwidth": 134_217_728})
+    );
+    for body in [r#"{"downtime_limit_ms": 9999999}"#, r#"{"max": 1}"#, "[]"] {
+        assert_eq!(
+            c.request_body("PUT", "/vm/migrate/parameters", body).status,
+            400,
+            "{body}"
+        );
+    }
+
+    // Bad URIs never reach the VMM.
+    for body in [
+        "",
+        r#"{"uri": "file:/tmp/x"}"#,
+        r#"{"uri": "exec:cat"}"#,
+        r#"{"uri": "tcp:nohost"}"#,
+        r#"{"uri": "unix:relative.sock"}"#,
+    ] {
+        let r = c.request_body("PUT", "/vm/migrate", body);
+        assert_eq!(r.status, 400, "{body}");
+    }
+    assert!(vmm
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| !matches!(a, VmmAction::Migrate { .. })));
+
+    let r = c.request_body("PUT", "/vm/migrate", r#"{"uri": "tcp:127.0.0.1:4446"}"#);
+    assert_eq!(r.status, 204);
+    let info = c.request("GET", "/vm/migrate").json();
+    assert_eq!(info["status"], "active");
+    assert_eq!(info["expected_downtime_ms"], 50);
+    assert_eq!(info["ram"]["dirty_sync_count"], 1);
+    // One at a time.
+    let r = c.request_body("PUT", "/vm/migrate", r#"{"uri": "unix:/run/m.sock"}"#);
+    assert_eq!(r.status, 500);
+    assert_eq!(c.request("PUT", "/vm/migrate/cancel").status, 204);
+    assert_eq!(
+        c.request("GET", "/vm/migrate").json()["status"],
+        "cancelled"
+    );
+    assert_eq!(vmm.state(), VmState::Running);
+    // Nothing to cancel is not an error.
+    assert_eq!(c.request("PUT", "/vm/migrate/cancel").status, 204);
+    // Incoming needs a VMM that waits for it.
+    let r = c.request_body("PUT", "/vm/migrate/incoming", r#"{"uri": "tcp:0:4446"}"#);
+    assert_eq!(r.status, 409);
     drop(server);
 }

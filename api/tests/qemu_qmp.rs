@@ -65,7 +65,7 @@ async def main(host, port, state_file):
             await qmp.execute('migrate', {'uri': 'tcp:127.0.0.1:1'})
             raise AssertionError('no error')
         except ExecuteError as e:
-            assert 'not supported yet' in str(e), e
+            assert 'paused due to previous migration' in str(e), e
         await qmp.execute('cont')
         ev = await asyncio.wait_for(events.get(), 5)
         assert ev['event'] == 'RESUME', ev

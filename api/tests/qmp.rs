@@ -9,7 +9,7 @@ use std::time::Duration;
 use api::controller::action_channel;
 use api::qmp::QmpServer;
 use api::server::{Limits, ServerError};
-use api::{QmpEndpoint, ShutdownCause, VmEvent, VmState};
+use api::{QmpEndpoint, ShutdownCause, VmEvent, VmState, VmmAction};
 use common::{tmpdir, FakeVmm, Qmp};
 use serde_json::json;
 
@@ -412,20 +412,14 @@ fn snapshot_to_a_file_over_qmp() {
     );
 
     // Unsupported transports, before anything happens.
-    for bad in [
-        "tcp:127.0.0.1:4444",
-        "unix:/tmp/x.sock",
-        "exec:cat",
-        "fd:3",
-        "rdma:h:1",
-    ] {
+    for bad in ["exec:cat", "fd:3", "rdma:h:1", "vsock:3:4"] {
         let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": bad}}));
         assert_eq!(r["error"]["class"], "GenericError");
         assert!(
             r["error"]["desc"]
                 .as_str()
                 .unwrap()
-                .contains("not supported yet"),
+                .contains("not supported by this VMM"),
             "{r}"
         );
     }
@@ -557,11 +551,13 @@ fn restore_into_a_waiting_vmm_over_qmp() {
     let r = c.cmd(&json!({"execute": "system_reset"}));
     assert_eq!(r["error"]["desc"], "cannot reset while the VM is incoming");
     // Argument errors, now that the run state is right.
-    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:0:4446"}}));
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "exec:cat"}}));
     assert!(r["error"]["desc"]
         .as_str()
         .unwrap()
-        .contains("'tcp:' migration transport is not supported yet"));
+        .contains("'exec:' migration transport is not supported by this VMM"));
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:[::"}}));
+    assert_eq!(r["error"]["desc"], "error parsing IPv6 address '[::'");
     let r = c.cmd(&json!({"execute": "migrate-incoming",
                           "arguments": {"channels": [{"channel-type": "main"}]}}));
     assert_eq!(r["error"]["desc"], "channels are not supported; use 'uri'");
@@ -603,4 +599,80 @@ fn restore_into_a_waiting_vmm_over_qmp() {
         hmp(&mut c, &format!("migrate_incoming {uri}")),
         "Error: The incoming migration has already been started\r\n"
     );
+    let r = c.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:0:4446"}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "The incoming migration has already been started"
+    );
+}
+
+#[test]
+fn live_migration_over_qmp() {
+    let (vmm, _server, dir) = start_in("live", VmState::Running);
+    let mut c = Qmp::unix(&dir.join("qmp.sock")).greeted(true);
+    let r = c.cmd(&json!({"execute": "query-migrate-parameters"}));
+    assert_eq!(r["return"]["downtime-limit"], 300);
+    assert_eq!(r["return"]["multifd-channels"], 2);
+    let r = c.cmd(&json!({"execute": "migrate-set-parameters",
+                          "arguments": {"downtime-limit": 120, "max-bandwidth": 0,
+                                        "tls-creds": ""}}));
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "query-migrate-parameters"}));
+    assert_eq!(r["return"]["downtime-limit"], 120);
+    assert_eq!(r["return"]["max-bandwidth"], 0);
+    let r = c.cmd(&json!({"execute": "migrate-set-parameters",
+                          "arguments": {"multifd-channels": 8}}));
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("'multifd-channels' is not supported by this VMM"));
+    assert_eq!(hmp(&mut c, "migrate_set_parameter max-bandwidth 256"), "");
+    assert!(hmp(&mut c, "info migrate_parameters")
+        .contains("\r\nmax-bandwidth: 268435456 bytes/second\r\n"));
+
+    let r = c.cmd(&json!({"execute": "migrate-set-capabilities",
+        "arguments": {"capabilities": [{"capability": "events", "state": true}]}}));
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4446"}}));
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(c.event("MIGRATION")["data"]["status"], "setup");
+    assert_eq!(c.event("MIGRATION")["data"]["status"], "active");
+    let info = c.cmd(&json!({"execute": "query-migrate"}))["return"].clone();
+    assert_eq!(info["status"], "active");
+    assert_eq!(info["expected-downtime"], 60);
+    assert!(info.get("downtime").is_none());
+    assert!(hmp(&mut c, "info migrate")
+        .starts_with("Status: \t\tactive\r\nTime (ms): \t\ttotal=5, setup=1, exp_down=60\r\n"));
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": "unix:/run/m.sock"}}));
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("There's a migration process in progress"));
+    assert_eq!(
+        c.cmd(&json!({"execute": "migrate_cancel"})),
+        json!({"return": {}})
+    );
+    assert_eq!(c.event("MIGRATION")["data"]["status"], "cancelling");
+    assert_eq!(c.event("MIGRATION")["data"]["status"], "cancelled");
+    assert_eq!(
+        c.cmd(&json!({"execute": "query-migrate"}))["return"]["status"],
+        "cancelled"
+    );
+    assert_eq!(
+        c.cmd(&json!({"execute": "migrate-cancel"})),
+        json!({"return": {}})
+    );
+    assert_eq!(vmm.state(), VmState::Running);
+    // HMP's migrate cannot wait under human-monitor-command: QEMU says so and goes on.
+    assert_eq!(
+        hmp(&mut c, "migrate tcp:127.0.0.1:4446"),
+        "terminal does not allow synchronous migration, continuing detached\r\n"
+    );
+    assert_eq!(hmp(&mut c, "migrate_cancel"), "");
+    assert!(vmm.seen.lock().unwrap().contains(&VmmAction::Migrate {
+        to: api::MigrationAddress::Tcp {
+            host: "127.0.0.1".into(),
+            port: 4446
+        }
+    }));
 }

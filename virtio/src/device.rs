@@ -25,8 +25,12 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
-/// The guest memory type devices work on.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type devices work on. Each region carries a bitmap of the pages written
+/// through it (every write through `vm-memory`: descriptors' buffers, used rings), which a live
+/// migration ORs with KVM's dirty log: KVM sees only what the vCPUs write.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Feature bit: the device complies with virtio 1.x (mandatory for the modern transport).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -226,6 +230,23 @@ pub trait VirtioDevice: Send {
     /// The state was taken (or taking it failed): a device that [`VirtioDevice::quiesce`]
     /// stopped runs again. Called for every device after every quiesce, even a failed one.
     fn resume(&mut self) {}
+    /// After [`VirtioDevice::quiesce`], at a live migration's switchover: lets go of the
+    /// host storage the device holds (a disk image's locks) so that the destination can take
+    /// it; the device must not write it until [`VirtioDevice::take_back_storage`].
+    fn hand_over_storage(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes the storage back after a hand-over (the migration failed, or the VM continues
+    /// here): refused when someone else holds it now.
+    fn take_back_storage(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Starts (`Some`) or stops the log of the guest pages written by something that neither
+    /// KVM nor `vm-memory` sees (vhost's kernel workers), for a live migration. Devices whose
+    /// writes all go through `vm-memory` have nothing to do.
+    fn set_dirty_log(&mut self, _log: Option<Arc<crate::dirty_log::VhostLog>>) -> io::Result<()> {
+        Ok(())
+    }
     /// The device's own state (not what the transport saves).
     fn save_state(&self) -> VirtioDeviceState;
     /// Applies a state from [`VirtioDevice::save_state`] to this device, freshly built from

@@ -19,13 +19,14 @@ pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod dirty_log;
 pub mod net;
 #[cfg(test)]
 mod test_rig;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, VirtioInterruptType,
+    ActivateContext, ActivateError, ActiveQueue, GuestMemoryMmap, GuestRegionMmap, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType,
 };
 pub use transport::{VirtioPciDevice, VirtioPciError, VirtioPciState};

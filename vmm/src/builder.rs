@@ -27,7 +27,7 @@ use crate::pci::{create_pci, PciWiringError};
 use crate::registry::{DeviceRegistry, RegistryError};
 use crate::snapshot::cpu::{restore_vm, CpuStateError};
 use crate::snapshot::memory::{map_private, MemoryError};
-use crate::snapshot::Loaded;
+use crate::snapshot::{Loaded, SavedMemory};
 use crate::vconsole::{AgentHandle, ConsoleBackends, VconsoleError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuShared};
 use crate::vm::{Vm, VmError};
@@ -238,8 +238,18 @@ pub fn build_vm(
     restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
     let memory_bytes = cfg.machine.memory_mib << 20;
-    let mut vm = match restore {
-        Some(l) => Vm::with_memory(hv, map_private(&l.file, &l.memory)?)?,
+    let mut vm = match restore.map(|l| &l.memory) {
+        Some(SavedMemory::File { file, layout }) => {
+            Vm::with_memory(hv, map_private(file, layout)?)?
+        }
+        Some(SavedMemory::Received(ram)) => match ram.take() {
+            Some(ram) => Vm::with_ram(hv, ram)?,
+            None => {
+                return Err(BuildError::Memory(MemoryError::Map(
+                    "the received RAM was used already".into(),
+                )))
+            }
+        },
         None => Vm::new(hv, cfg.machine.memory_mib)?,
     };
     let mem = vm.memory();
@@ -370,7 +380,7 @@ pub fn build_vm(
 /// the zero page: everything a fresh boot needs in guest memory. Returns the kernel entry.
 fn boot_guest(
     cfg: &VmConfig,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &virtio::GuestMemoryMmap,
     memory_bytes: u64,
     pci: Option<boot::acpi::PciHostConfig>,
 ) -> Result<GuestAddress, BuildError> {
@@ -432,7 +442,7 @@ fn boot_guest(
 /// payload cannot be extracted or the result cannot be loaded: the caller then loads the file
 /// as it is. A cached kernel that does not load is discarded and extracted afresh once.
 fn load_extracted_kernel(
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &virtio::GuestMemoryMmap,
     path: &Path,
     kernel: &mut File,
 ) -> Option<boot::loader::KernelInfo> {
@@ -482,7 +492,7 @@ fn load_extracted_kernel(
 }
 
 fn load_vmlinux_image(
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &virtio::GuestMemoryMmap,
     image: Vec<u8>,
     header: linux_loader::bootparam::setup_header,
 ) -> Result<boot::loader::KernelInfo, boot::loader::LoaderError> {

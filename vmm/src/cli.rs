@@ -104,7 +104,8 @@ pub struct Cli {
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<NetConfig>,
 
-    /// Restore a saved VM instead of booting one: file:PATH (a state file written by QMP
+    /// Restore a saved VM instead of booting one: tcp:HOST:PORT or unix:PATH to receive a
+    /// live migration (QEMU's `-incoming tcp:0:4444`), file:PATH (a state file written by QMP
     /// `migrate "file:PATH"` or `PUT /vm/snapshot`), or `defer` to wait for QMP
     /// `migrate-incoming` / `PUT /vm/restore`. The VM's configuration comes from the state;
     /// pass only --qmp, --api-socket, --serial and --on-reboot (anything else must agree).
@@ -137,6 +138,8 @@ pub enum Incoming {
     File(PathBuf),
     /// Wait for the control plane to name one.
     Defer,
+    /// Receive a live migration there.
+    Listen(api::MigrationAddress),
 }
 
 impl std::str::FromStr for Incoming {
@@ -152,14 +155,21 @@ impl std::str::FromStr for Incoming {
             }
             return Ok(Incoming::File(PathBuf::from(path)));
         }
+        if let Some(addr) = api::MigrationAddress::parse(s) {
+            return addr
+                .map(Incoming::Listen)
+                .map_err(|e| format!("'{s}': {e}"));
+        }
         let scheme = s.split(':').next().unwrap_or(s);
-        if ["tcp", "unix", "exec", "fd", "rdma", "vsock"].contains(&scheme) {
+        if ["exec", "fd", "rdma", "vsock"].contains(&scheme) {
             return Err(format!(
-                "'{s}': incoming migration over {scheme}: is not supported yet; \
-                 use file:PATH or defer"
+                "'{s}': incoming migration over {scheme}: is not supported; \
+                 use tcp:HOST:PORT, unix:PATH, file:PATH or defer"
             ));
         }
-        Err(format!("'{s}': expected file:PATH or defer"))
+        Err(format!(
+            "'{s}': expected tcp:HOST:PORT, unix:PATH, file:PATH or defer"
+        ))
     }
 }
 

@@ -1,20 +1,40 @@
-//! `--incoming defer`: the VMM is up with its control doors open but has no VM yet (QEMU's
-//! `inmigrate` state). It answers queries, takes migration capabilities, and waits for QMP
-//! `migrate-incoming` (or REST `PUT /vm/restore`) to name the state to restore, or for `quit`.
+//! `--incoming`: the VMM is up with its control doors open but has no VM yet (QEMU's
+//! `inmigrate` state). It answers queries, takes migration capabilities and parameters, and
+//! waits for a VM: a live migration on the address `--incoming tcp:...|unix:...` or QMP
+//! `migrate-incoming` gave, or a state file QMP `migrate-incoming "file:..."` (REST
+//! `PUT /vm/restore`) names; or for `quit`.
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use api::action::{MigrationInfo, MigrationStatus};
 use api::{
-    ActionError, ShutdownCause, VersionInfo, VmConfig, VmEvent, VmInfo, VmState, VmmAction,
-    VmmResponse,
+    ActionError, MigrationAddress, ShutdownCause, VersionInfo, VmConfig, VmEvent, VmInfo, VmState,
+    VmmAction, VmmResponse,
 };
 
 use crate::cli::Constraints;
+use crate::migration::dest::{FromReceiver, Incoming, Received};
+use crate::migration::Listener;
 use crate::runtime::Shared;
-use crate::snapshot::{self, Loaded};
+use crate::snapshot::{self, Loaded, SavedMemory};
 use crate::VmmError;
+
+/// Starts listening for a live migration.
+fn listen(shared: &Shared, on: &MigrationAddress) -> Result<Incoming, String> {
+    let listener = Listener::bind(on)?;
+    let incoming = Incoming::start(listener)?;
+    shared.migration.set(MigrationInfo {
+        status: MigrationStatus::Setup,
+        ..Default::default()
+    });
+    match incoming.port() {
+        Some(port) => log::info!("migration: waiting for the source on port {port}"),
+        None => log::info!("migration: waiting for the source on {on}"),
+    }
+    Ok(incoming)
+}
 
 /// Waits for a state to restore. Returns it with the configuration to run it with, or None
 /// when the VMM must exit (`quit`, a termination signal).
@@ -23,9 +43,15 @@ pub fn wait(
     constraints: &Constraints,
     on_reboot_given: bool,
     paused: bool,
+    listen_on: Option<MigrationAddress>,
 ) -> Result<Option<(Box<Loaded>, VmConfig)>, VmmError> {
+    let mut receiving = match &listen_on {
+        Some(on) => Some(listen(shared, on).map_err(VmmError::Incoming)?),
+        None => None,
+    };
+    let started = Cell::new(Instant::now());
     loop {
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd {
                 fd: shared.inbox.waker().as_raw_fd(),
                 events: libc::POLLIN,
@@ -37,7 +63,14 @@ pub fn wait(
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a live array of two initialised pollfds and its length is passed.
+        if let Some(r) = &receiving {
+            fds.push(libc::pollfd {
+                fd: r.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a live array of initialised pollfds and its length is passed.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -55,6 +88,38 @@ pub fn wait(
                 .publish(VmEvent::Shutdown(ShutdownCause::HostSignal));
             return Ok(None);
         }
+        if let Some(r) = &receiving {
+            let _ = r.wake.read();
+            while let Ok(msg) = r.rx.try_recv() {
+                match msg {
+                    FromReceiver::Connected => {
+                        started.set(Instant::now());
+                        shared.migration.set(MigrationInfo {
+                            status: MigrationStatus::Active,
+                            ..Default::default()
+                        });
+                    }
+                    FromReceiver::Done(Ok(received)) => {
+                        let ready =
+                            arrived(shared, *received, constraints, on_reboot_given, &started)?;
+                        shared.state.set(if paused {
+                            VmState::Paused
+                        } else {
+                            VmState::Running
+                        });
+                        return Ok(Some(ready));
+                    }
+                    FromReceiver::Done(Err(e)) => {
+                        shared.migration.set(MigrationInfo {
+                            status: MigrationStatus::Failed,
+                            error_desc: Some(e.clone()),
+                            ..Default::default()
+                        });
+                        return Err(VmmError::Incoming(e));
+                    }
+                }
+            }
+        }
         for req in shared.inbox.drain() {
             let state = shared.state.get();
             let next = match state.check(&req.action) {
@@ -68,6 +133,10 @@ pub fn wait(
                 (req.reply)(Ok(resp));
                 continue;
             }
+            let already = || ActionError::Failed {
+                action: req.action.name(),
+                reason: "The incoming migration has already been started".into(),
+            };
             match &req.action {
                 VmmAction::GetVmInfo => (req.reply)(Ok(VmmResponse::VmInfo(Box::new(VmInfo {
                     state,
@@ -87,6 +156,30 @@ pub fn wait(
                         .publish(VmEvent::Shutdown(ShutdownCause::HostQmpQuit));
                     return Ok(None);
                 }
+                // Nothing is being sent from here.
+                VmmAction::MigrateCancel => (req.reply)(Ok(VmmResponse::Done)),
+                VmmAction::MigrateIncoming { .. } | VmmAction::Restore { .. }
+                    if receiving.is_some() =>
+                {
+                    (req.reply)(Err(already()))
+                }
+                VmmAction::MigrateIncoming { from } => match listen(shared, from) {
+                    Ok(r) => {
+                        receiving = Some(r);
+                        (req.reply)(Ok(VmmResponse::Done));
+                    }
+                    Err(reason) => {
+                        shared.migration.set(MigrationInfo {
+                            status: MigrationStatus::Failed,
+                            error_desc: Some(reason.clone()),
+                            ..Default::default()
+                        });
+                        (req.reply)(Err(ActionError::Failed {
+                            action: req.action.name(),
+                            reason,
+                        }))
+                    }
+                },
                 VmmAction::Restore { path } => {
                     let started = Instant::now();
                     shared.migration.set(MigrationInfo {
@@ -126,6 +219,57 @@ pub fn wait(
             }
         }
     }
+}
+
+/// A live migration arrived whole: checks it against what this process was told and makes it
+/// the VM to build. A VM that does not fit is refused to the source (which keeps running it)
+/// and ends this process.
+fn arrived(
+    shared: &Shared,
+    received: Received,
+    constraints: &Constraints,
+    on_reboot_given: bool,
+    started: &Cell<Instant>,
+) -> Result<(Box<Loaded>, VmConfig), VmmError> {
+    let Received {
+        config,
+        state,
+        ram,
+        peer,
+        bytes,
+    } = received;
+    let checked = snapshot::merge_config(&config, &shared.config, constraints, on_reboot_given)
+        .and_then(|cfg| snapshot::check_disks(&cfg).map(|()| cfg));
+    let cfg = match checked {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            ram.give_back();
+            peer.refuse(&e.to_string());
+            shared.migration.set(MigrationInfo {
+                status: MigrationStatus::Failed,
+                error_desc: Some(e.to_string()),
+                ..Default::default()
+            });
+            return Err(e.into());
+        }
+    };
+    shared.migration.set(MigrationInfo {
+        status: MigrationStatus::Completed,
+        total_time_ms: Some(started.get().elapsed().as_millis() as u64),
+        ram: Some(api::RamStats {
+            transferred: bytes,
+            total: config.machine.memory_mib << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let loaded = Loaded {
+        config,
+        state,
+        memory: SavedMemory::Received(Cell::new(Some(ram))),
+        peer: Some(peer),
+    };
+    Ok((Box::new(loaded), cfg))
 }
 
 /// Reads and checks the state file and the configuration it will run with.

@@ -18,6 +18,7 @@ pub mod kernel_cache;
 pub mod kvm;
 pub mod logger;
 pub mod metrics;
+pub mod migration;
 pub mod net;
 pub mod pci;
 pub mod registry;
@@ -107,6 +108,9 @@ pub enum VmmError {
     /// The virtio console or a channel could not be set up.
     #[error(transparent)]
     Vconsole(#[from] vconsole::VconsoleError),
+    /// An incoming live migration failed.
+    #[error("incoming migration failed: {0}")]
+    Incoming(String),
 }
 
 impl VmmError {
@@ -151,6 +155,8 @@ pub enum Start {
         constraints: cli::Constraints,
         /// Whether --on-reboot was given.
         on_reboot_given: bool,
+        /// Listen for a live migration there at once (`--incoming tcp:...`).
+        listen: Option<api::MigrationAddress>,
     },
 }
 
@@ -217,7 +223,8 @@ pub fn run(cfg: &VmConfig, start: Start, paused: bool) -> Result<(), VmmError> {
             Start::Defer {
                 constraints,
                 on_reboot_given,
-            } => match incoming::wait(&shared, &constraints, on_reboot_given, paused)? {
+                listen,
+            } => match incoming::wait(&shared, &constraints, on_reboot_given, paused, listen)? {
                 Some((loaded, cfg)) => (
                     Some(loaded),
                     Shared {
@@ -296,7 +303,10 @@ fn run_vm(
     loop {
         // A reset keeps a stopped VM stopped (paused, or paused after a snapshot), as QEMU does.
         let paused = matches!(shared.state.get(), VmState::Paused | VmState::PostMigrate);
-        let loaded = restore.take();
+        let mut loaded = restore.take();
+        // A live migration's source waits to hear that the VM runs here; the vCPUs start only
+        // once it has been told.
+        let peer = loaded.as_mut().and_then(|l| l.peer.take());
         let host = builder::HostBackends {
             serial,
             nets: &nets,
@@ -304,7 +314,32 @@ fn run_vm(
             disk_stats: &disk_stats,
             balloon: balloon.as_ref().map(|(s, o)| (s, *o)),
         };
-        let running = build_vm(hv, cpuid, &cfg, &host, paused, loaded.as_deref())?;
+        let built = build_vm(
+            hv,
+            cpuid,
+            &cfg,
+            &host,
+            paused || peer.is_some(),
+            loaded.as_deref(),
+        );
+        let running = match (built, peer) {
+            (Ok(running), Some(peer)) => {
+                if let Err(e) = peer.confirm() {
+                    // The VM is whole here and the source has let go of its disks: this is
+                    // the VM now.
+                    log::warn!("migration: cannot tell the source that the VM runs here: {e}");
+                }
+                if !paused {
+                    running.control.resume();
+                }
+                running
+            }
+            (Err(e), Some(peer)) => {
+                peer.refuse(&e.to_string());
+                return Err(e.into());
+            }
+            (built, None) => built?,
+        };
         // The restored VM's memory maps the file; `loaded` may go now (the mapping keeps its
         // own reference to the file).
         drop(loaded);

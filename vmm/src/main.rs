@@ -88,6 +88,15 @@ fn prepare(launch: Launch) -> Result<(VmConfig, Start), Box<dyn std::error::Erro
             Start::Defer {
                 constraints,
                 on_reboot_given,
+                listen: None,
+            },
+        )),
+        Some(Incoming::Listen(addr)) => Ok((
+            config,
+            Start::Defer {
+                constraints,
+                on_reboot_given,
+                listen: Some(addr),
             },
         )),
     }

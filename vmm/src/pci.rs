@@ -313,7 +313,7 @@ impl PciSystemRoot {
 /// mapped where the state says.
 pub fn create_pci(
     vm: &Arc<VmFd>,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &virtio::GuestMemoryMmap,
     memory_bytes: u64,
     pio: &Bus,
     mmio: &Arc<Bus>,

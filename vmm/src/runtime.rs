@@ -7,14 +7,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::action::{
-    MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus, RamStats,
+    MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationParameters,
+    MigrationStatus,
 };
 use api::controller::{ControllerInbox, EventBus};
 use api::{
@@ -29,6 +29,8 @@ use crate::console::SerialBackend;
 use crate::metrics::Meter;
 use crate::vcpu::VcpuExitReason;
 use crate::{lock, VmmError, VCPU_STOP_TIMEOUT};
+
+mod migrate;
 
 /// How long a pause request waits for the vCPUs to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,25 +68,46 @@ pub struct Migration {
     info: RefCell<MigrationInfo>,
     events: Cell<bool>,
     bus: EventBus,
+    /// Shared with a running migration's worker, which reads them at every step.
+    params: Arc<Mutex<MigrationParameters>>,
 }
 
 impl Migration {
-    /// No migration yet, events off.
+    /// No migration yet, events off, QEMU's default parameters.
     pub fn new(bus: EventBus) -> Migration {
         Migration {
             info: RefCell::new(MigrationInfo::default()),
             events: Cell::new(false),
             bus,
+            params: Arc::new(Mutex::new(MigrationParameters::default())),
         }
     }
 
-    /// Records a status change and publishes it when the `events` capability is on.
+    /// Records where the migration stands; a change of status is published when the
+    /// `events` capability is on.
     pub fn set(&self, info: MigrationInfo) {
         let status = info.status;
-        *self.info.borrow_mut() = info;
-        if self.events.get() {
+        let before = std::mem::replace(&mut *self.info.borrow_mut(), info).status;
+        if self.events.get() && status != before {
             self.bus.publish(VmEvent::Migration(status));
         }
+    }
+
+    /// The status now.
+    pub fn status(&self) -> MigrationStatus {
+        self.info.borrow().status
+    }
+
+    /// A round of a live migration began (QMP `MIGRATION_PASS`, with `events` on).
+    pub fn pass(&self, pass: u64) {
+        if self.events.get() {
+            self.bus.publish(VmEvent::MigrationPass(pass));
+        }
+    }
+
+    /// The parameters, as a running migration sees them.
+    pub fn params(&self) -> Arc<Mutex<MigrationParameters>> {
+        self.params.clone()
     }
 
     /// Answers the migration queries and capability settings, the same in every state.
@@ -99,6 +122,13 @@ impl Migration {
                         MigrationCapability::Events => self.events.set(c.state),
                     }
                 }
+                Some(VmmResponse::Done)
+            }
+            VmmAction::GetMigrationParameters => {
+                Some(VmmResponse::MigrationParameters(*lock(&self.params)))
+            }
+            VmmAction::SetMigrationParameters(update) => {
+                update.apply(&mut lock(&self.params));
                 Some(VmmResponse::Done)
             }
             VmmAction::GetMigrationCapabilities => Some(VmmResponse::MigrationCapabilities(vec![
@@ -142,6 +172,7 @@ pub fn run_incarnation(
         migration: shared.migration.clone(),
         msr_index: shared.msr_index.clone(),
         meter: meter.clone(),
+        outgoing: migrate::OutgoingState::new()?,
     };
     let control_id = em.add_subscriber(Box::new(control));
     em.add_subscriber(Box::new(rtc));
@@ -237,6 +268,8 @@ struct Control {
     migration: Rc<Migration>,
     msr_index: Arc<Vec<u32>>,
     meter: Rc<RefCell<Meter>>,
+    /// A live migration from here, and where its switchover stands.
+    outgoing: migrate::OutgoingState,
 }
 
 const EV_EXIT: u32 = 0;
@@ -245,6 +278,7 @@ const EV_VCPU: u32 = 2;
 const EV_QUIT: u32 = 3;
 const EV_ACTION: u32 = 4;
 const EV_SIGNAL: u32 = 5;
+const EV_MIGRATION: u32 = 6;
 
 impl Control {
     fn finish(&self, outcome: Result<Outcome, VmmError>) {
@@ -391,6 +425,9 @@ impl Control {
                 self.bus.publish(VmEvent::Stop);
             }
             VmmAction::Resume => {
+                // After a completed migration the disks were handed over: take them back
+                // first (refused when the destination holds them).
+                self.take_back_storage().map_err(failed)?;
                 self.vm.control.resume();
                 self.state.set(next);
                 self.bus.publish(VmEvent::Resume);
@@ -409,12 +446,20 @@ impl Control {
                 self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostQmpQuit)));
             }
             VmmAction::Snapshot { path } => {
+                self.refuse_during_migration()?;
                 self.snapshot(path, state).map_err(failed)?;
                 self.state.set(next);
             }
+            VmmAction::Migrate { to } => {
+                self.refuse_during_migration()?;
+                self.start_migration(to).map_err(failed)?;
+            }
+            VmmAction::MigrateCancel => self.cancel_migration(),
             VmmAction::QueryMigrate
             | VmmAction::SetMigrationCapabilities(_)
-            | VmmAction::GetMigrationCapabilities => {
+            | VmmAction::GetMigrationCapabilities
+            | VmmAction::GetMigrationParameters
+            | VmmAction::SetMigrationParameters(_) => {
                 return self
                     .migration
                     .action(action)
@@ -455,7 +500,7 @@ impl Control {
             }
             // Only a VMM waiting for a state (`--incoming defer`) restores; `check` refuses it
             // here, and this arm keeps it so.
-            VmmAction::Restore { .. } => {
+            VmmAction::Restore { .. } | VmmAction::MigrateIncoming { .. } => {
                 return Err(ActionError::InvalidState {
                     action: action.name(),
                     state,
@@ -463,100 +508,6 @@ impl Control {
             }
         }
         Ok(VmmResponse::Done)
-    }
-
-    /// Saves the VM to `path` (QMP `migrate "file:..."`): stops the vCPUs, lets the devices
-    /// finish their work and flush, takes every state, writes the file. The VM stays paused
-    /// afterwards; on failure it runs again if it was running.
-    fn snapshot(&mut self, path: &Path, state: VmState) -> Result<(), String> {
-        let started = Instant::now();
-        let was_running = state == VmState::Running;
-        self.migration.set(MigrationInfo {
-            status: MigrationStatus::Setup,
-            ..Default::default()
-        });
-        let result = self.write_snapshot(path, was_running, started);
-        // Devices that stopped for the save (vhost-net's rings) run again, whatever happened;
-        // the vCPUs stay as said above.
-        for (_, dev) in self.vm.registry.virtio() {
-            lock(dev).resume();
-        }
-        match result {
-            Ok(info) => {
-                self.migration.set(info);
-                Ok(())
-            }
-            Err(reason) => {
-                if was_running && self.state.get() == VmState::Running {
-                    // The vCPUs were stopped for the save: let them go again.
-                    self.vm.control.resume();
-                    self.bus.publish(VmEvent::Resume);
-                }
-                self.migration.set(MigrationInfo {
-                    status: MigrationStatus::Failed,
-                    error_desc: Some(reason.clone()),
-                    ..Default::default()
-                });
-                Err(reason)
-            }
-        }
-    }
-
-    fn write_snapshot(
-        &mut self,
-        path: &Path,
-        was_running: bool,
-        started: Instant,
-    ) -> Result<MigrationInfo, String> {
-        let stopped = Instant::now();
-        if was_running {
-            if !self.vm.control.pause(&self.vm.threads, PAUSE_TIMEOUT) {
-                return Err("the vCPUs did not stop in time".into());
-            }
-            self.bus.publish(VmEvent::Stop);
-        }
-        let setup = started.elapsed();
-        self.migration.set(MigrationInfo {
-            status: MigrationStatus::Active,
-            setup_time_ms: Some(setup.as_millis() as u64),
-            ..Default::default()
-        });
-        for (id, dev) in self.vm.registry.virtio() {
-            lock(dev)
-                .quiesce()
-                .map_err(|e| format!("device `{id}`: cannot flush: {e}"))?;
-        }
-        let vcpus = self
-            .vm
-            .control
-            .collect_states(self.msr_index.clone(), PAUSE_TIMEOUT)?;
-        let vm = crate::snapshot::cpu::save_vm(self.vm.vm.fd()).map_err(|e| e.to_string())?;
-        let devices = self.vm.registry.save();
-        let machine = crate::snapshot::MachineState { vcpus, vm, devices };
-        let write_started = Instant::now();
-        let stats =
-            crate::snapshot::save_to_file(path, &self.config, &machine, self.vm.vm.memory())
-                .map_err(|e| e.to_string())?;
-        let write_secs = write_started.elapsed().as_secs_f64().max(1e-6);
-        let transferred = stats.data_pages * crate::snapshot::format::PAGE_SIZE;
-        Ok(MigrationInfo {
-            status: MigrationStatus::Completed,
-            total_time_ms: Some(started.elapsed().as_millis() as u64),
-            setup_time_ms: Some(setup.as_millis() as u64),
-            downtime_ms: Some(stopped.elapsed().as_millis() as u64),
-            ram: Some(RamStats {
-                transferred,
-                remaining: 0,
-                total: stats.total,
-                duplicate: stats.zero_pages,
-                normal: stats.data_pages,
-                normal_bytes: transferred,
-                mbps: transferred as f64 * 8.0 / 1e6 / write_secs,
-                pages_per_second: ((stats.data_pages + stats.zero_pages) as f64 / write_secs)
-                    as u64,
-            }),
-            error_desc: None,
-        })
     }
 }
 
@@ -569,6 +520,7 @@ impl MutEventSubscriber for Control {
             (&*self.quit, EV_QUIT),
             (self.inbox.waker(), EV_ACTION),
             (&*self.signal, EV_SIGNAL),
+            (&*self.outgoing.wake, EV_MIGRATION),
         ];
         for (fd, tag) in fds {
             if let Err(e) = ops.add(Events::with_data(fd, tag, EventSet::IN)) {
@@ -597,6 +549,7 @@ impl MutEventSubscriber for Control {
                 let _ = self.signal.read();
                 self.finish(Ok(Outcome::Shutdown(ShutdownCause::HostSignal)));
             }
+            EV_MIGRATION => self.on_migration_events(),
             EV_ACTION => {
                 for req in self.inbox.drain() {
                     match req.action {
@@ -621,6 +574,7 @@ impl MutEventSubscriber for Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
+        self.abandon_migration();
         let threads = std::mem::take(&mut self.vm.threads);
         self.vm
             .vm

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use devices::bus::Bus;
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use virtio::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 use crate::snapshot::cpu::{CpuStateError, VcpuState};
 use vmm_sys_util::eventfd::EventFd;

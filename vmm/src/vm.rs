@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use virtio::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::kvm::Hypervisor;
@@ -69,11 +70,18 @@ impl Vm {
             source,
         };
         let ram = GuestRam::take(&regions).map_err(memory_error)?;
+        Self::with_ram(hv, ram)
+    }
+
+    /// Creates the VM around `ram` (taken for its layout, perhaps already filled: a live
+    /// migration's), which goes back to the pool with the VM.
+    pub fn with_ram(hv: &Hypervisor, ram: GuestRam) -> Result<Vm, VmError> {
+        let mib = ram.ranges.iter().map(|r| r.1 as u64).sum::<u64>() >> 20;
         let memory = match ram.guest_memory() {
             Ok(m) => m,
-            Err(e) => {
+            Err(source) => {
                 ram.give_back();
-                return Err(memory_error(e));
+                return Err(VmError::Memory { mib, source });
             }
         };
         let mut vm = match Self::with_memory(hv, memory) {
@@ -183,7 +191,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// process-wide pool when it goes, and the next VM of the same layout (a rebooted guest) takes
 /// it, emptied with `MADV_DONTNEED` (it reads as zeros again), so a reboot loop maps nothing
 /// new. A VM whose vCPU threads could not be stopped keeps its RAM ([`Vm::abandon_ram`]).
-struct GuestRam {
+pub struct GuestRam {
     /// Guest address, length and host address of each range.
     ranges: Vec<(vm_memory::GuestAddress, usize, usize)>,
 }
@@ -193,7 +201,7 @@ static RAM_POOL: std::sync::Mutex<Vec<GuestRam>> = std::sync::Mutex::new(Vec::ne
 impl GuestRam {
     /// RAM for `layout` (guest address, length): a pooled one of that layout, emptied, else a
     /// new mapping.
-    fn take(layout: &[(vm_memory::GuestAddress, usize)]) -> std::io::Result<GuestRam> {
+    pub fn take(layout: &[(vm_memory::GuestAddress, usize)]) -> std::io::Result<GuestRam> {
         let pooled = {
             let mut pool = RAM_POOL.lock().unwrap_or_else(|e| e.into_inner());
             let same = |r: &GuestRam| {
@@ -231,12 +239,13 @@ impl GuestRam {
     }
 
     /// The ranges as guest memory (regions borrowing the mappings).
-    fn guest_memory(&self) -> std::io::Result<GuestMemoryMmap> {
+    pub fn guest_memory(&self) -> std::io::Result<GuestMemoryMmap> {
+        use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
         use vm_memory::mmap::MmapRegionBuilder;
         let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
         let mut regions = Vec::with_capacity(self.ranges.len());
         for &(gpa, len, host) in &self.ranges {
-            let builder = MmapRegionBuilder::new(len);
+            let builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len));
             // SAFETY: [host, host + len) is a live mapping owned by this `GuestRam`, which
             // outlives every VM using it (it is pooled or leaked, never unmapped while in use).
             let builder = unsafe { builder.with_raw_mmap_pointer(host as *mut u8) };
@@ -246,14 +255,15 @@ impl GuestRam {
                 .build()
                 .map_err(|e| invalid(&e))?;
             regions.push(
-                vm_memory::GuestRegionMmap::new(region, gpa)
+                virtio::GuestRegionMmap::new(region, gpa)
                     .ok_or_else(|| invalid(&"a RAM range wraps around"))?,
             );
         }
         GuestMemoryMmap::from_regions(regions).map_err(|e| invalid(&e))
     }
 
-    fn give_back(self) {
+    /// Returns the RAM to the pool (when no VM was built on it).
+    pub fn give_back(self) {
         RAM_POOL
             .lock()
             .unwrap_or_else(|e| e.into_inner())

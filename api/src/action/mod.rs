@@ -80,6 +80,31 @@ pub enum VmmAction {
         /// The file to read.
         path: PathBuf,
     },
+    /// Move the running VM live to a destination VMM listening at `to` (QMP `migrate` with a
+    /// `tcp:` or `unix:` URI, HMP `migrate`, REST `PUT /vm/migrate`, `vmm ctl migrate`). The
+    /// action answers once the migration has started; `QueryMigrate` follows it. On success the
+    /// VM stays paused here ([`VmState::PostMigrate`]); on failure or cancel it goes on.
+    Migrate {
+        /// The destination.
+        to: MigrationAddress,
+    },
+    /// Cancel the migration in progress, if any (QMP `migrate_cancel` / `migrate-cancel`, HMP
+    /// `migrate_cancel`, REST `PUT /vm/migrate/cancel`); the VM goes on as before.
+    MigrateCancel,
+    /// Receive a live migration on `from` (QMP `migrate-incoming` with a `tcp:` or `unix:`
+    /// URI, HMP `migrate_incoming`); only while [`VmState::Incoming`]. Answers once listening.
+    MigrateIncoming {
+        /// Where to listen.
+        from: MigrationAddress,
+    },
+    /// Change migration parameters (QMP `migrate-set-parameters`, HMP
+    /// `migrate_set_parameter`, REST `PUT /vm/migrate/parameters`); members left out keep
+    /// their values. Takes effect at once, also on a migration in progress.
+    SetMigrationParameters(MigrationParametersUpdate),
+    /// The migration parameters (QMP `query-migrate-parameters`, HMP
+    /// `info migrate_parameters`, REST `GET /vm/migrate/parameters`); answered with
+    /// [`VmmResponse::MigrationParameters`].
+    GetMigrationParameters,
     /// The state of the last migration or snapshot (QMP `query-migrate`, REST
     /// `GET /vm/migration`, HMP `info migrate`); answered with [`VmmResponse::Migration`].
     QueryMigrate,
@@ -211,6 +236,11 @@ impl VmmAction {
             VmmAction::Shutdown => "shutdown",
             VmmAction::Snapshot { .. } => "snapshot",
             VmmAction::Restore { .. } => "restore",
+            VmmAction::Migrate { .. } => "migrate",
+            VmmAction::MigrateCancel => "migrate-cancel",
+            VmmAction::MigrateIncoming { .. } => "migrate-incoming",
+            VmmAction::SetMigrationParameters(_) => "migrate-set-parameters",
+            VmmAction::GetMigrationParameters => "query-migrate-parameters",
             VmmAction::QueryMigrate => "query-migrate",
             VmmAction::SetMigrationCapabilities(_) => "set-migration-capabilities",
             VmmAction::GetMigrationCapabilities => "get-migration-capabilities",
@@ -348,6 +378,10 @@ pub enum MigrationStatus {
     Completed,
     /// Something went wrong; see [`MigrationInfo::error_desc`].
     Failed,
+    /// A cancel was asked for and is being carried out.
+    Cancelling,
+    /// Cancelled; the VM goes on where it was.
+    Cancelled,
 }
 
 impl MigrationStatus {
@@ -359,6 +393,8 @@ impl MigrationStatus {
             MigrationStatus::Active => "active",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -404,8 +440,11 @@ pub struct MigrationInfo {
     pub total_time_ms: Option<u64>,
     /// From the request until the state started to be written (QEMU `setup-time`).
     pub setup_time_ms: Option<u64>,
-    /// How long the guest was stopped for it (QEMU `downtime`).
+    /// How long the guest was stopped for it (QEMU `downtime`), once completed.
     pub downtime_ms: Option<u64>,
+    /// While active: how long the guest would be stopped if it switched over now, at the
+    /// measured bandwidth (QEMU `expected-downtime`).
+    pub expected_downtime_ms: Option<u64>,
     /// Guest memory statistics (QEMU `ram`).
     pub ram: Option<RamStats>,
     /// Why it failed (QEMU `error-desc`).
@@ -431,6 +470,146 @@ pub struct RamStats {
     pub mbps: f64,
     /// Pages written per second (QEMU `pages-per-second`).
     pub pages_per_second: u64,
+    /// Pages the guest dirtied per second in the last round (QEMU `dirty-pages-rate`).
+    pub dirty_pages_rate: u64,
+    /// Dirty-log syncs so far, one per round (QEMU `dirty-sync-count`).
+    pub dirty_sync_count: u64,
+    /// Bytes sent while the guest was stopped (QEMU `downtime-bytes`).
+    pub downtime_bytes: u64,
+}
+
+/// Where a live migration goes to, or is received on: QEMU's `tcp:HOST:PORT` and
+/// `unix:PATH` URIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationAddress {
+    /// A TCP address: a host name, an IPv4 address, or an IPv6 address (`[::1]` in a URI).
+    Tcp {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+impl MigrationAddress {
+    /// Parses `tcp:HOST:PORT` or `unix:PATH`; `None` for any other scheme (the caller words
+    /// the error for its door). A bad address in a known scheme is an `Err` with QEMU's text.
+    pub fn parse(uri: &str) -> Option<Result<MigrationAddress, String>> {
+        if let Some(rest) = uri.strip_prefix("tcp:") {
+            return Some(
+                parse_host_port(rest).map(|(host, port)| MigrationAddress::Tcp { host, port }),
+            );
+        }
+        if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Some(Err("unix: needs a socket path".into()));
+            }
+            if path.contains('\0') {
+                return Some(Err("a socket path cannot contain NUL".into()));
+            }
+            return Some(Ok(MigrationAddress::Unix(PathBuf::from(path))));
+        }
+        None
+    }
+}
+
+/// `HOST:PORT` or `[V6]:PORT` (QEMU's inet_parse); an empty host or `0` means any address.
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((h, p)) = rest.split_once("]:") else {
+            return Err(format!("error parsing IPv6 address '{s}'"));
+        };
+        (h, p)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p),
+            _ => return Err(format!("error parsing address '{s}'")),
+        }
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("error parsing port in address '{s}'"))?;
+    Ok((host.to_string(), port))
+}
+
+impl fmt::Display for MigrationAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationAddress::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            MigrationAddress::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            MigrationAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// QEMU's default `downtime-limit`, ms.
+pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+/// QEMU's largest `downtime-limit` (2000 s), ms.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+/// QEMU's default `max-bandwidth`: 128 MiB/s.
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
+/// The migration parameters this VMM implements (QEMU's `MigrationParameters` members of the
+/// same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationParameters {
+    /// The longest the guest may be stopped at the switchover, ms (QEMU `downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// The most bytes per second to send, 0 for no limit (QEMU `max-bandwidth`).
+    pub max_bandwidth: u64,
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        MigrationParameters {
+            downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+        }
+    }
+}
+
+/// A change to [`MigrationParameters`]: what is left out stays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationParametersUpdate {
+    /// New `downtime-limit`, ms (at most [`MAX_DOWNTIME_LIMIT_MS`]).
+    pub downtime_limit_ms: Option<u64>,
+    /// New `max-bandwidth`, bytes per second.
+    pub max_bandwidth: Option<u64>,
+}
+
+impl MigrationParametersUpdate {
+    /// Checks the ranges, with QEMU's text (migration/options.c; every u64 is a valid
+    /// `max-bandwidth` on a 64-bit host).
+    pub fn check(&self) -> Result<(), String> {
+        if self
+            .downtime_limit_ms
+            .is_some_and(|d| d > MAX_DOWNTIME_LIMIT_MS)
+        {
+            return Err(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to \
+                        (2000 * 1000) ms"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies the change.
+    pub fn apply(&self, p: &mut MigrationParameters) {
+        if let Some(d) = self.downtime_limit_ms {
+            p.downtime_limit_ms = d;
+        }
+        if let Some(b) = self.max_bandwidth {
+            p.max_bandwidth = b;
+        }
+    }
 }
 
 /// A successful answer.
@@ -446,6 +625,8 @@ pub enum VmmResponse {
     Migration(Box<MigrationInfo>),
     /// Answer to `GetMigrationCapabilities`: the capabilities this VMM implements.
     MigrationCapabilities(Vec<MigrationCapabilityState>),
+    /// Answer to `GetMigrationParameters`.
+    MigrationParameters(MigrationParameters),
     /// Answer to `AgentCommand`: the agent's `return` value; to `AgentVerb`: its typed answer.
     Agent(serde_json::Value),
     /// Answer to `GetMetrics`.
@@ -521,7 +702,14 @@ impl VmState {
             state: self,
         };
         match (self, action) {
-            (_, GetVmInfo | GetVersion | QueryMigrate | GetMigrationCapabilities) => Ok(self),
+            (
+                _,
+                GetVmInfo
+                | GetVersion
+                | QueryMigrate
+                | GetMigrationCapabilities
+                | GetMigrationParameters,
+            ) => Ok(self),
             // A link can be set whenever the VM exists, stopped or not (QEMU too).
             (Created | Running | Paused | PostMigrate, SetLink { .. } | SetNetRateLimit { .. }) => {
                 Ok(self)
@@ -545,17 +733,22 @@ impl VmState {
             (ShuttingDown, _) => Err(refuse()),
             // Capabilities are set before a migration, on either side (libvirt sets `events`
             // before `migrate-incoming`).
-            (_, SetMigrationCapabilities(_)) => Ok(self),
+            (_, SetMigrationCapabilities(_) | SetMigrationParameters(_)) => Ok(self),
+            // Cancelling when nothing is in progress does nothing, as in QEMU.
+            (_, MigrateCancel) => Ok(self),
             // The VMM sets Paused itself afterwards when it was started with --paused.
-            (Incoming, Restore { .. }) => Ok(Running),
-            (_, Restore { .. }) => Err(refuse()),
+            (Incoming, Restore { .. } | MigrateIncoming { .. }) => Ok(Running),
+            (_, Restore { .. } | MigrateIncoming { .. }) => Err(refuse()),
             (Incoming, Shutdown) => Ok(ShuttingDown),
             // No VM yet.
             (Incoming, _) => Err(refuse()),
             (Running | Paused, Snapshot { .. }) => Ok(PostMigrate),
+            // A live migration leaves the state as it is until it completes; the VMM then
+            // sets PostMigrate itself.
+            (Running | Paused, Migrate { .. }) => Ok(self),
             // QEMU refuses to migrate a VM paused by a previous migration (its disks may be
             // in use by the destination now); `cont` first.
-            (Created | PostMigrate, Snapshot { .. }) => Err(refuse()),
+            (Created | PostMigrate, Snapshot { .. } | Migrate { .. }) => Err(refuse()),
             (Running, Pause) => Ok(Paused),
             (Paused | PostMigrate, Resume) => Ok(Running),
             (Created | Paused | PostMigrate, Pause) | (Created | Running, Resume) => Err(refuse()),
@@ -618,6 +811,9 @@ pub enum VmEvent {
     /// A migration (snapshot, restore) changed status. The VMM publishes it only while the
     /// `events` capability is on; the doors forward it as it comes.
     Migration(MigrationStatus),
+    /// A live migration started its `pass`-th round of sending guest memory (QMP
+    /// `MIGRATION_PASS`); published, like [`VmEvent::Migration`], only while `events` is on.
+    MigrationPass(u64),
     /// The guest opened (`open`) or closed its end of the virtio-console port `id` (QMP
     /// `VSERPORT_CHANGE`).
     VserportChange {

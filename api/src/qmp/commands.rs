@@ -1,6 +1,6 @@
 //! QMP request dispatch, as QEMU's `qmp_dispatch` does it: request shape checks, capabilities
-//! negotiation, the command table with argument validation (QEMU's error texts), each command,
-//! and the VM events as QMP events.
+//! negotiation, the command table with argument validation (QEMU's error texts; in [`table`]),
+//! each command, and the VM events as QMP events.
 //!
 //! [`Monitor`] is the protocol state of one client, free of I/O: a request either gets an
 //! answer at once or needs a [`VmmAction`], whose reply completes it.
@@ -11,10 +11,15 @@ use serde_json::{json, Map, Value};
 use super::balloon;
 use super::events::event_json;
 use super::hmp::{self, HmpCommand};
-use super::migration;
+use super::migration::{self, params};
 use crate::action::{ActionError, VersionInfo, VmInfo, VmState, VmmAction};
 use crate::controller::{Reply, TimedEvent};
 use crate::VmmResponse;
+
+mod table;
+
+pub use table::command_names;
+use table::{validate, COMMANDS};
 
 /// QEMU's error classes (`QapiErrorClass`). Only the first two are produced by our commands;
 /// the others are part of the protocol's vocabulary for later commands.
@@ -70,196 +75,6 @@ impl From<ActionError> for CommandError {
     }
 }
 
-#[derive(Clone, Copy)]
-enum ArgType {
-    Str,
-    Int,
-    Bool,
-    StrList,
-    /// Any array (its elements are checked by the command).
-    Array,
-    /// Checked by this function, given the argument's name and value.
-    Custom(fn(&str, &Value) -> Result<(), CommandError>),
-    /// Any JSON value (checked by the command).
-    Any,
-}
-
-struct Arg {
-    name: &'static str,
-    ty: ArgType,
-    required: bool,
-}
-
-const NO_ARGS: &[Arg] = &[];
-
-/// Every command, with its arguments (qapi/*.json).
-const COMMANDS: &[(&str, &[Arg])] = &[
-    (
-        "qmp_capabilities",
-        &[Arg {
-            name: "enable",
-            ty: ArgType::StrList,
-            required: false,
-        }],
-    ),
-    ("query-version", NO_ARGS),
-    ("query-commands", NO_ARGS),
-    ("query-status", NO_ARGS),
-    ("query-name", NO_ARGS),
-    ("query-kvm", NO_ARGS),
-    ("query-cpus-fast", NO_ARGS),
-    ("stop", NO_ARGS),
-    ("cont", NO_ARGS),
-    ("system_reset", NO_ARGS),
-    ("system_powerdown", NO_ARGS),
-    ("quit", NO_ARGS),
-    (
-        "set_link",
-        &[
-            Arg {
-                name: "name",
-                ty: ArgType::Str,
-                required: true,
-            },
-            Arg {
-                name: "up",
-                ty: ArgType::Bool,
-                required: true,
-            },
-        ],
-    ),
-    (
-        "migrate",
-        &[
-            Arg {
-                name: "uri",
-                ty: ArgType::Str,
-                required: false,
-            },
-            Arg {
-                name: "channels",
-                ty: ArgType::Array,
-                required: false,
-            },
-            Arg {
-                name: "detach",
-                ty: ArgType::Bool,
-                required: false,
-            },
-            Arg {
-                name: "resume",
-                ty: ArgType::Bool,
-                required: false,
-            },
-        ],
-    ),
-    (
-        "migrate-incoming",
-        &[
-            Arg {
-                name: "uri",
-                ty: ArgType::Str,
-                required: false,
-            },
-            Arg {
-                name: "channels",
-                ty: ArgType::Array,
-                required: false,
-            },
-            Arg {
-                name: "exit-on-error",
-                ty: ArgType::Bool,
-                required: false,
-            },
-        ],
-    ),
-    ("query-migrate", NO_ARGS),
-    (
-        "query-blockstats",
-        &[Arg {
-            name: "query-nodes",
-            ty: ArgType::Bool,
-            required: false,
-        }],
-    ),
-    (
-        "migrate-set-capabilities",
-        &[Arg {
-            name: "capabilities",
-            ty: ArgType::Custom(migration::check_capability_list),
-            required: true,
-        }],
-    ),
-    ("query-migrate-capabilities", NO_ARGS),
-    (
-        "balloon",
-        &[Arg {
-            name: "value",
-            ty: ArgType::Int,
-            required: true,
-        }],
-    ),
-    ("query-balloon", NO_ARGS),
-    (
-        "qom-list",
-        &[Arg {
-            name: "path",
-            ty: ArgType::Str,
-            required: true,
-        }],
-    ),
-    (
-        "qom-get",
-        &[
-            Arg {
-                name: "path",
-                ty: ArgType::Str,
-                required: true,
-            },
-            Arg {
-                name: "property",
-                ty: ArgType::Str,
-                required: true,
-            },
-        ],
-    ),
-    (
-        "qom-set",
-        &[
-            Arg {
-                name: "path",
-                ty: ArgType::Str,
-                required: true,
-            },
-            Arg {
-                name: "property",
-                ty: ArgType::Str,
-                required: true,
-            },
-            Arg {
-                name: "value",
-                ty: ArgType::Any,
-                required: true,
-            },
-        ],
-    ),
-    (
-        "human-monitor-command",
-        &[
-            Arg {
-                name: "command-line",
-                ty: ArgType::Str,
-                required: true,
-            },
-            Arg {
-                name: "cpu-index",
-                ty: ArgType::Int,
-                required: false,
-            },
-        ],
-    ),
-];
-
 /// `query-blockstats`'s answer: QEMU's `BlockStats` per disk, the device named by its id and
 /// its qdev path as `-device ...,id=ID` would give it.
 pub(crate) fn blockstats_json(disks: &[crate::metrics::DiskStats]) -> Value {
@@ -275,56 +90,6 @@ pub(crate) fn blockstats_json(disks: &[crate::metrics::DiskStats]) -> Value {
             })
             .collect(),
     )
-}
-
-/// The names of all commands, as `query-commands` lists them.
-pub fn command_names() -> impl Iterator<Item = &'static str> {
-    COMMANDS.iter().map(|(n, _)| *n)
-}
-
-/// Checks `args` against `schema` in QEMU's order: each declared member (missing, wrong type),
-/// then members nobody declared.
-fn validate(schema: &[Arg], args: &Map<String, Value>) -> Result<(), CommandError> {
-    let type_err = |name: &str, expected: &str| {
-        CommandError::generic(format!(
-            "Invalid parameter type for '{name}', expected: {expected}"
-        ))
-    };
-    for arg in schema {
-        let Some(v) = args.get(arg.name) else {
-            if arg.required {
-                return Err(CommandError::generic(format!(
-                    "Parameter '{}' is missing",
-                    arg.name
-                )));
-            }
-            continue;
-        };
-        match arg.ty {
-            ArgType::Str if !v.is_string() => return Err(type_err(arg.name, "string")),
-            ArgType::Int if !(v.is_i64() || v.is_u64()) => {
-                return Err(type_err(arg.name, "integer"))
-            }
-            ArgType::Bool if !v.is_boolean() => return Err(type_err(arg.name, "boolean")),
-            ArgType::Array if !v.is_array() => return Err(type_err(arg.name, "array")),
-            ArgType::Custom(check) => check(arg.name, v)?,
-            ArgType::StrList => {
-                let Some(items) = v.as_array() else {
-                    return Err(type_err(arg.name, "array"));
-                };
-                if let Some(i) = items.iter().position(|x| !x.is_string()) {
-                    return Err(type_err(&format!("{}[{i}]", arg.name), "string"));
-                }
-            }
-            _ => {}
-        }
-    }
-    if let Some(extra) = args.keys().find(|k| !schema.iter().any(|a| a.name == *k)) {
-        return Err(CommandError::generic(format!(
-            "Parameter '{extra}' is unexpected"
-        )));
-    }
-    Ok(())
 }
 
 /// QEMU's `RunState` name for our state.
@@ -406,6 +171,7 @@ enum Then {
     Action(VmmAction),
     QueryMigrate,
     MigrateCapabilities,
+    MigrateParameters,
     BlockStats,
     Balloon(balloon::BalloonThen),
     /// `migrate-incoming` with bad arguments: QEMU checks the run state first, so the VM's
@@ -513,6 +279,10 @@ impl Monitor {
                 }
                 other => Err(unexpected(other)),
             },
+            Then::MigrateParameters => match reply {
+                Ok(VmmResponse::MigrationParameters(p)) => Ok(params::query_json(&p)),
+                other => Err(unexpected(other)),
+            },
             Then::IncomingRefused(err) => vm_info(reply).and_then(|vm| {
                 Err(if vm.state == VmState::Incoming {
                     err
@@ -527,6 +297,12 @@ impl Monitor {
                     reply.map(|_| ()),
                     self.restore_started,
                 ))),
+                HmpCommand::ActionThen(a, done) => Ok(Value::String(hmp::action_then_text(
+                    &a,
+                    reply.map(|_| ()),
+                    self.restore_started,
+                    done,
+                ))),
                 HmpCommand::Text(t) => Ok(Value::String(t)),
             },
             Then::HmpCheckCpu { cmd, cpu } => match vm_info(reply) {
@@ -539,7 +315,7 @@ impl Monitor {
                         Ok(Value::String(hmp::info_text(kind, &vm, cpu)))
                     }
                     HmpCommand::Text(t) => Ok(Value::String(t)),
-                    HmpCommand::Info(_) | HmpCommand::Action(_) => {
+                    HmpCommand::Info(_) | HmpCommand::Action(_) | HmpCommand::ActionThen(..) => {
                         let action = hmp_action(&cmd);
                         self.pending = Some((id, Then::Hmp { cmd, cpu }));
                         return Step::Submit(action);
@@ -637,13 +413,14 @@ impl Monitor {
                 let action = migration::migrate_action(args)?;
                 submit(action.clone(), Then::Action(action))
             }
-            "migrate-incoming" => match migration::incoming_path(args) {
-                Ok(path) => {
-                    let action = VmmAction::Restore { path };
-                    submit(action.clone(), Then::Action(action))
-                }
+            "migrate-incoming" => match migration::incoming_action(args) {
+                Ok(action) => submit(action.clone(), Then::Action(action)),
                 Err(e) => submit(VmmAction::GetVmInfo, Then::IncomingRefused(e)),
             },
+            "migrate_cancel" | "migrate-cancel" => submit(
+                VmmAction::MigrateCancel,
+                Then::Action(VmmAction::MigrateCancel),
+            ),
             "query-migrate" => submit(VmmAction::QueryMigrate, Then::QueryMigrate),
             // `query-nodes` would add the format nodes' own counters; ours are per device.
             "query-blockstats" => submit(VmmAction::QueryBlockStats, Then::BlockStats),
@@ -655,6 +432,13 @@ impl Monitor {
                 VmmAction::GetMigrationCapabilities,
                 Then::MigrateCapabilities,
             ),
+            "migrate-set-parameters" => {
+                let action = params::set_action(args)?;
+                submit(action.clone(), Then::Action(action))
+            }
+            "query-migrate-parameters" => {
+                submit(VmmAction::GetMigrationParameters, Then::MigrateParameters)
+            }
             "balloon" => submit(
                 balloon::balloon_action(args)?,
                 Then::Balloon(balloon::BalloonThen::Set),
@@ -705,7 +489,7 @@ impl Monitor {
         }
         match cmd {
             HmpCommand::Text(t) => Ok(Ok(Value::String(t))),
-            HmpCommand::Info(_) | HmpCommand::Action(_) => {
+            HmpCommand::Info(_) | HmpCommand::Action(_) | HmpCommand::ActionThen(..) => {
                 Ok(Err((hmp_action(&cmd), Then::Hmp { cmd, cpu: 0 })))
             }
         }
@@ -716,7 +500,7 @@ impl Monitor {
 fn hmp_action(cmd: &HmpCommand) -> VmmAction {
     match cmd {
         HmpCommand::Info(kind) => kind.action(),
-        HmpCommand::Action(a) => a.clone(),
+        HmpCommand::Action(a) | HmpCommand::ActionThen(a, _) => a.clone(),
         HmpCommand::Text(_) => VmmAction::GetVmInfo,
     }
 }
@@ -756,3 +540,6 @@ fn cpus_fast(vm: &VmInfo) -> Value {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod migration_tests;

@@ -1,6 +1,6 @@
 //! The VM's events as QMP events (qapi/run-state.json): STOP, RESUME, POWERDOWN, and RESET /
-//! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names); MIGRATION with `status`
-//! (qapi/migration.json); VSERPORT_CHANGE with `id` and `open` (qapi/char.json); stamped with the time the VMM published them.
+//! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names); MIGRATION with `status` and
+//! MIGRATION_PASS with `pass` (qapi/migration.json); VSERPORT_CHANGE with `id` and `open` (qapi/char.json); stamped with the time the VMM published them.
 
 use std::time::UNIX_EPOCH;
 
@@ -22,6 +22,7 @@ pub(crate) fn event_json(ev: &TimedEvent) -> Value {
         VmEvent::Reset(c) => ("RESET", Some(cause_data(*c))),
         VmEvent::Shutdown(c) => ("SHUTDOWN", Some(cause_data(*c))),
         VmEvent::Migration(status) => ("MIGRATION", Some(json!({ "status": status }))),
+        VmEvent::MigrationPass(pass) => ("MIGRATION_PASS", Some(json!({ "pass": pass }))),
         VmEvent::VserportChange { id, open } => {
             ("VSERPORT_CHANGE", Some(json!({"id": id, "open": open})))
         }
@@ -76,6 +77,9 @@ mod tests {
             json!({"event": "MIGRATION", "data": {"status": "completed"},
                    "timestamp": {"seconds": 1_258_551_470i64, "microseconds": 802_384}})
         );
+        let p = ev(VmEvent::MigrationPass(3));
+        assert_eq!(p["event"], "MIGRATION_PASS");
+        assert_eq!(p["data"], json!({"pass": 3}));
         let v = ev(VmEvent::VserportChange {
             id: "channel0".into(),
             open: true,

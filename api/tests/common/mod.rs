@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use api::controller::{action_channel, ControllerHandle, EventBus, EventReceiver};
 use api::{
-    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationStatus,
-    RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo, VmState, VmmAction,
-    VmmResponse,
+    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationParameters,
+    MigrationStatus, RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo,
+    VmState, VmmAction, VmmResponse,
 };
 use serde_json::Value;
 
@@ -37,10 +37,11 @@ pub fn tmpdir(name: &str) -> PathBuf {
 /// What the fake VMM writes as a "state file".
 pub const FAKE_STATE: &[u8] = b"FAKE-VMM-STATE v1\n";
 
-/// The fake's migration side: capabilities and the last migration.
+/// The fake's migration side: capabilities, parameters and the last migration.
 #[derive(Default)]
 struct Migration {
     events: bool,
+    params: MigrationParameters,
     info: MigrationInfo,
 }
 
@@ -69,8 +70,11 @@ impl Migration {
                     normal_bytes: 0,
                     mbps: 1.25,
                     pages_per_second: 0,
+                    dirty_pages_rate: 0,
+                    dirty_sync_count: 1,
+                    downtime_bytes: FAKE_STATE.len() as u64,
                 }),
-                error_desc: None,
+                ..MigrationInfo::default()
             },
             Err(e) => MigrationInfo {
                 status: MigrationStatus::Failed,
@@ -79,6 +83,12 @@ impl Migration {
             },
         };
         publish(self.info.status);
+    }
+
+    fn publish(&self, bus: &EventBus, status: MigrationStatus) {
+        if self.events {
+            bus.publish(VmEvent::Migration(status));
+        }
     }
 }
 
@@ -251,6 +261,43 @@ fn migrate(
             }
             Ok(VmmResponse::Done)
         }
+        // A live migration starts and stays active (nobody listens) until it is cancelled.
+        VmmAction::Migrate { .. } => {
+            if mig.info.status == MigrationStatus::Active {
+                return Some(Err("There's a migration process in progress".into()));
+            }
+            mig.publish(bus, MigrationStatus::Setup);
+            mig.publish(bus, MigrationStatus::Active);
+            mig.info = MigrationInfo {
+                status: MigrationStatus::Active,
+                total_time_ms: Some(5),
+                setup_time_ms: Some(1),
+                expected_downtime_ms: Some(mig.params.downtime_limit_ms / 2),
+                ram: Some(RamStats {
+                    transferred: 4096,
+                    remaining: 256 << 20,
+                    total: 256 << 20,
+                    dirty_sync_count: 1,
+                    ..RamStats::default()
+                }),
+                ..MigrationInfo::default()
+            };
+            Ok(VmmResponse::Done)
+        }
+        VmmAction::MigrateCancel => {
+            if mig.info.status == MigrationStatus::Active {
+                mig.publish(bus, MigrationStatus::Cancelling);
+                mig.publish(bus, MigrationStatus::Cancelled);
+                mig.info.status = MigrationStatus::Cancelled;
+                mig.info.expected_downtime_ms = None;
+            }
+            Ok(VmmResponse::Done)
+        }
+        VmmAction::SetMigrationParameters(update) => {
+            update.apply(&mut mig.params);
+            Ok(VmmResponse::Done)
+        }
+        VmmAction::GetMigrationParameters => Ok(VmmResponse::MigrationParameters(mig.params)),
         VmmAction::GetMigrationCapabilities => Ok(VmmResponse::MigrationCapabilities(vec![
             MigrationCapabilityState {
                 capability: MigrationCapability::Events,

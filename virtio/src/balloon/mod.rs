@@ -525,6 +525,8 @@ fn release(mem: &GuestMemoryMmap, gpa: u64, len: u64) {
                 std::io::Error::last_os_error()
             );
         }
+        // The pages read as zeros now, behind KVM's back: a live migration sends them again.
+        vm_memory::bitmap::Bitmap::mark_dirty(&region.bitmap(), offset as usize, n as usize);
         done += n;
     }
 }

@@ -85,6 +85,15 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
+    /// The image, wherever it is now (with the request handler while the device is active).
+    fn image(&mut self) -> Option<&mut dyn DiskImage> {
+        match (self.handler.as_mut(), self.disk.as_mut()) {
+            (Some(h), _) => Some(h.executor_mut().disk_mut()),
+            (None, Some(d)) => Some(d.as_mut()),
+            (None, None) => None,
+        }
+    }
+
     /// A block device over `disk`, with an optional serial (GET_ID, at most 20 bytes).
     /// A read-only disk gets VIRTIO_BLK_F_RO and no DISCARD / WRITE_ZEROES.
     pub fn new(disk: Box<dyn DiskImage>, serial: Option<&str>) -> Result<Self, BlockError> {
@@ -247,12 +256,24 @@ impl VirtioDevice for Block {
 
     /// Requests complete synchronously, so only the image needs flushing.
     fn quiesce(&mut self) -> io::Result<()> {
-        let disk = match (self.handler.as_mut(), self.disk.as_mut()) {
-            (Some(h), _) => h.executor_mut().disk_mut(),
-            (None, Some(d)) => d.as_mut(),
-            (None, None) => return Ok(()),
-        };
-        disk.flush().map_err(io::Error::other)
+        match self.image() {
+            Some(disk) => disk.flush().map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+
+    fn hand_over_storage(&mut self) -> io::Result<()> {
+        match self.image() {
+            Some(disk) => disk.hand_over().map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+
+    fn take_back_storage(&mut self) -> io::Result<()> {
+        match self.image() {
+            Some(disk) => disk.take_back().map_err(io::Error::other),
+            None => Ok(()),
+        }
     }
 
     fn save_state(&self) -> VirtioDeviceState {

@@ -184,6 +184,8 @@ pub struct Net<T = Tap> {
     /// Control settings from a restored snapshot, applied by the next activation.
     restored: Option<CtrlSettings>,
     limiters: Limiters,
+    /// vhost's dirty log while a live migration runs (applied to pairs started meanwhile).
+    dirty_log: Option<Arc<crate::dirty_log::VhostLog>>,
 }
 
 /// The device's rate limiters, the limits generation they were built from, and the timer that
@@ -321,6 +323,7 @@ impl<T: TapQueue> Net<T> {
             },
             shared,
             restored: None,
+            dirty_log: None,
         })
     }
 
@@ -590,7 +593,7 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
             }));
         }
         let mut built = Vec::with_capacity(self.taps.len());
-        let mut vhost = Vec::new();
+        let mut vhost: Vec<Option<VhostPair<T>>> = Vec::new();
         for i in 0..self.taps.len() {
             let (rx, tx) = if i < pairs {
                 (queues[2 * i].take(), queues[2 * i + 1].take())
@@ -622,7 +625,20 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
                 self.shared.link_up(),
                 &ctx.interrupt,
             ) {
-                Ok(p) => vhost.push(Some(p)),
+                Ok(mut p) => {
+                    if let Some(log) = &self.dirty_log {
+                        if let Err(e) = p.set_dirty_log(Some(log)) {
+                            self.taps[i] = Some(p.into_tap());
+                            for (j, q) in vhost.into_iter().enumerate() {
+                                if let Some(q) = q {
+                                    self.taps[j] = Some(q.into_tap());
+                                }
+                            }
+                            return Err(e);
+                        }
+                    }
+                    vhost.push(Some(p))
+                }
                 Err((e, tap)) => {
                     // Give every tap back: the device stays inactive and can try again.
                     self.taps[i] = Some(tap);
@@ -788,6 +804,20 @@ impl<T: TapQueue + 'static> VirtioDevice for Net<T> {
             p.stop(&a.mem)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
+        Ok(())
+    }
+
+    fn set_dirty_log(
+        &mut self,
+        log: Option<Arc<crate::dirty_log::VhostLog>>,
+    ) -> std::io::Result<()> {
+        if let Some(a) = self.active.as_mut() {
+            for p in a.vhost.iter_mut().flatten() {
+                p.set_dirty_log(log.as_deref())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+        }
+        self.dirty_log = log;
         Ok(())
     }
 

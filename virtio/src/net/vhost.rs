@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::TapQueue;
 use crate::device::{ActivateError, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+use crate::dirty_log::VhostLog;
 
 /// Path of the vhost-net device.
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
@@ -44,6 +45,8 @@ pub struct VhostPair<T> {
     interrupt: Arc<dyn VirtioInterrupt>,
     tap: T,
     attached: bool,
+    /// The features vhost was given (the acked ones it knows).
+    features: u64,
 }
 
 /// What [`VhostPair::setup`] made: the vhost fd, the rings, the calls and the kicks.
@@ -52,7 +55,13 @@ type Started = (
     [Queue; 2],
     [EventFd; 2],
     [EventFd; 2],
+    u64,
 );
+
+/// vhost feature: log every write to guest memory (`VHOST_F_LOG_ALL`).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// vring flag: log the used ring's writes at `log_addr` (`VHOST_VRING_F_LOG`).
+const VHOST_VRING_F_LOG: u32 = 1;
 
 fn io(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
     move |e| ActivateError::Io(std::io::Error::other(format!("vhost-net: {what}: {e}")))
@@ -78,7 +87,7 @@ impl<T: TapQueue> VhostPair<T> {
             interrupt.notifier(VirtioInterruptType::Queue(rx_index + 1)),
         ];
         match Self::setup(mem, acked, rx, tx, direct) {
-            Ok((dev, queues, calls, kicks)) => {
+            Ok((dev, queues, calls, kicks, features)) => {
                 let mut p = VhostPair {
                     dev,
                     rx_index,
@@ -88,6 +97,7 @@ impl<T: TapQueue> VhostPair<T> {
                     interrupt: interrupt.clone(),
                     tap,
                     attached: false,
+                    features,
                 };
                 if let Err(e) = p.set_attached(link_up) {
                     return Err((e, p.into_tap()));
@@ -109,8 +119,8 @@ impl<T: TapQueue> VhostPair<T> {
         dev.set_owner().map_err(io("set owner"))?;
         let supported = dev.get_features().map_err(io("get features"))?;
         // The ring and version bits vhost knows; the offload bits are the tap's business.
-        dev.set_features(acked & supported)
-            .map_err(io("set features"))?;
+        let features = acked & supported;
+        dev.set_features(features).map_err(io("set features"))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
             .map(|r| VhostUserMemoryRegionInfo {
@@ -153,7 +163,7 @@ impl<T: TapQueue> VhostPair<T> {
             dev.set_vring_kick(i, kick)
                 .map_err(io("set kick eventfd"))?;
         }
-        Ok((dev, [rxq, txq], calls, [rxk, txk]))
+        Ok((dev, [rxq, txq], calls, [rxk, txk], features))
     }
 
     /// Attaches (link up) or detaches (link down) the tap as both rings' backend. On attaching,
@@ -181,6 +191,38 @@ impl<T: TapQueue> VhostPair<T> {
                     log::warn!("virtio-net: signalling queue {q:?} failed: {e}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Starts (`Some`) or stops vhost's dirty log: while it runs, every page the kernel
+    /// writes (frames received, used rings) is marked in `log`, for a live migration. As QEMU
+    /// does, on running rings: the log base, then the features, then each ring's addresses
+    /// with its used ring to log.
+    pub fn set_dirty_log(&mut self, log: Option<&VhostLog>) -> Result<(), ActivateError> {
+        let mut features = self.features;
+        if let Some(l) = log {
+            self.dev
+                .set_log_base(l.base(), None)
+                .map_err(io("set log base"))?;
+            features |= VHOST_F_LOG_ALL;
+        }
+        self.dev
+            .set_features(features)
+            .map_err(io("set features"))?;
+        for (i, q) in self.queues.iter().enumerate() {
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: if log.is_some() { VHOST_VRING_F_LOG } else { 0 },
+                desc_table_addr: q.desc_table(),
+                used_ring_addr: q.used_ring(),
+                avail_ring_addr: q.avail_ring(),
+                log_addr: log.map(|_| q.used_ring()),
+            };
+            self.dev
+                .set_vring_addr(i, &cfg)
+                .map_err(io("set ring addresses"))?;
         }
         Ok(())
     }

@@ -313,6 +313,24 @@ impl VirtioPciDevice {
         self.device.resume()
     }
 
+    /// See [`VirtioDevice::hand_over_storage`].
+    pub fn hand_over_storage(&mut self) -> io::Result<()> {
+        self.device.hand_over_storage()
+    }
+
+    /// See [`VirtioDevice::set_dirty_log`].
+    pub fn set_dirty_log(
+        &mut self,
+        log: Option<std::sync::Arc<crate::dirty_log::VhostLog>>,
+    ) -> io::Result<()> {
+        self.device.set_dirty_log(log)
+    }
+
+    /// See [`VirtioDevice::take_back_storage`].
+    pub fn take_back_storage(&mut self) -> io::Result<()> {
+        self.device.take_back_storage()
+    }
+
     fn reset(&mut self) {
         self.device.reset();
         self.common.reset();

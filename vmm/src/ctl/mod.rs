@@ -4,6 +4,10 @@
 //! `osinfo`, `fsfreeze`, `fsthaw`, `set-time`, `guest-shutdown`) print as tables the way virsh
 //! prints them ([`guest`]).
 //!
+//! Live migration ([`migrate`]): `vmm ctl migrate URI [--wait]` starts one (with `--wait` it
+//! follows it to the end and exits non-zero unless it completed), `migrate-incoming URI`,
+//! `migrate-cancel`, and `migrate-params [--downtime-limit MS] [--max-bandwidth BYTES]`.
+//!
 //! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
 //! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE`, `vmm ctl --api-socket PATH
 //! set-link ID on|off` and `vmm ctl --api-socket PATH rate-limit ID [--rx-bps N] [--tx-bps N]
@@ -11,8 +15,8 @@
 //! [--timeout S]` (the guest agent's answer is printed) send one HTTP/1.1 request
 //! (`Connection: close`), read the response with `httparse`, print the JSON of
 //! `info`/`version`/`migration` indented, and turn every failure into one clear line and a
-//! non-zero exit status. FILE is made absolute against the current directory first: the VMM's
-//! working directory is not ours.
+//! non-zero exit status. FILE, and the socket of a `unix:` migration URI, are made absolute
+//! against the current directory first: the VMM's working directory is not ours.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,6 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod guest;
+mod migrate;
 
 /// How long `vmm ctl` waits for the VMM.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,8 +74,36 @@ pub enum CtlCommand {
         #[arg(value_name = "FILE")]
         path: PathBuf,
     },
-    /// Show the status and statistics of the last snapshot or restore.
+    /// Show the status and statistics of the live migration in progress, or of the last
+    /// migration, snapshot or restore.
     Migration,
+    /// Start a live migration to a VMM waiting for it at URI (see `migrate-incoming`); the VM
+    /// stays paused here once the destination has it.
+    Migrate {
+        /// Where the destination listens: tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH.
+        #[arg(value_name = "URI")]
+        uri: String,
+        /// Follow the migration to its end; the exit status is non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel the live migration in progress (the VM goes on here); nothing to cancel is fine.
+    MigrateCancel,
+    /// Show the migration parameters, or change those given.
+    MigrateParams {
+        /// The longest the guest may be stopped for the last round, ms (QEMU's downtime-limit).
+        #[arg(long, value_name = "MS")]
+        downtime_limit: Option<u64>,
+        /// The most bytes per second to send, 0 for no limit (QEMU's max-bandwidth).
+        #[arg(long, value_name = "BYTES")]
+        max_bandwidth: Option<u64>,
+    },
+    /// Receive a live migration at URI, into a VMM started to wait for it (`--incoming defer`).
+    MigrateIncoming {
+        /// Where to listen: tcp:HOST:PORT (an empty HOST or 0: every address) or unix:PATH.
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
     /// List the network cards (like `virsh domiflist`), with link state and counters.
     Nics,
     /// Change a network card's rate limits while it runs. A direction named by an option is
@@ -180,6 +213,14 @@ impl CtlCommand {
             CtlCommand::Snapshot { .. } => ("PUT", "/vm/snapshot"),
             CtlCommand::Restore { .. } => ("PUT", "/vm/restore"),
             CtlCommand::Migration => ("GET", "/vm/migration"),
+            CtlCommand::Migrate { .. } => ("PUT", "/vm/migrate"),
+            CtlCommand::MigrateCancel => ("PUT", "/vm/migrate/cancel"),
+            CtlCommand::MigrateParams {
+                downtime_limit: None,
+                max_bandwidth: None,
+            } => ("GET", "/vm/migrate/parameters"),
+            CtlCommand::MigrateParams { .. } => ("PUT", "/vm/migrate/parameters"),
+            CtlCommand::MigrateIncoming { .. } => ("PUT", "/vm/migrate/incoming"),
             CtlCommand::Nics => ("GET", "/vm"),
             CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
             CtlCommand::RateLimit { .. } => ("PUT", "/vm/net-rate-limit"),
@@ -207,8 +248,8 @@ impl CtlCommand {
         }
     }
 
-    /// The request body: the state file of `snapshot` and `restore`, made absolute against
-    /// the current directory.
+    /// The request body: the state file of `snapshot` and `restore` (and the socket of a
+    /// `unix:` migration URI) made absolute against the current directory.
     pub fn body(&self) -> Result<Option<String>, CtlError> {
         match self {
             CtlCommand::Snapshot { path } | CtlCommand::Restore { path } => {
@@ -240,6 +281,15 @@ impl CtlCommand {
                 }
                 Ok(Some(body.to_string()))
             }
+            CtlCommand::Migrate { uri, .. } | CtlCommand::MigrateIncoming { uri } => {
+                migrate::uri_body(uri).map(Some)
+            }
+            CtlCommand::MigrateParams {
+                downtime_limit,
+                max_bandwidth,
+            } if downtime_limit.is_some() || max_bandwidth.is_some() => Ok(Some(
+                migrate::parameters_body(*downtime_limit, *max_bandwidth),
+            )),
             CtlCommand::SetTime { time_ns: Some(ns) } => {
                 Ok(Some(serde_json::json!({ "time_ns": ns }).to_string()))
             }
@@ -356,6 +406,12 @@ pub enum CtlError {
         /// The server's `error` message.
         message: String,
     },
+    /// A migration followed with `--wait` failed (the VMM's reason).
+    #[error("the migration failed: {0}")]
+    MigrationFailed(String),
+    /// A migration followed with `--wait` was cancelled.
+    #[error("the migration was cancelled; the VM goes on here")]
+    MigrationCancelled,
 }
 
 /// A response: status and body.
@@ -491,14 +547,16 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
             message,
         });
     }
-    if let CtlCommand::Metrics {
-        prometheus: true, ..
-    } = cmd
-    {
-        return Ok(String::from_utf8_lossy(&resp.body).trim_end().to_string());
+    match cmd {
+        CtlCommand::Metrics {
+            prometheus: true, ..
+        } => return Ok(String::from_utf8_lossy(&resp.body).trim_end().to_string()),
+        CtlCommand::Migrate { uri, wait } => return migrate::started(socket, uri, *wait),
+        _ => {}
     }
     Ok(match json {
         Some(v) if *cmd == CtlCommand::Nics => nics_table(&v),
+        Some(v) if matches!(cmd, CtlCommand::MigrateParams { .. }) => migrate::parameters_text(&v),
         Some(v) => match guest::table(cmd, &v) {
             Some(text) => text,
             None if matches!(cmd, CtlCommand::Agent { .. }) => {

@@ -9,6 +9,7 @@ use api::{
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vmm-ctl-{}-{name}", std::process::id()));
@@ -172,6 +173,10 @@ fn command_names_are_kebab_case() {
             "snapshot",
             "restore",
             "migration",
+            "migrate",
+            "migrate-cancel",
+            "migrate-params",
+            "migrate-incoming",
             "nics",
             "rate-limit",
             "agent",
@@ -223,4 +228,269 @@ fn state_file_paths_are_made_absolute() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["path"], cwd.join("r.state").to_str().unwrap());
     assert_eq!(CtlCommand::Info.body().unwrap(), None);
+}
+
+/// A fake VMM for the migration commands: a migration stays active for `rounds` queries, then
+/// completes (or fails, for a destination whose host is `fail`); cancel cancels it.
+fn migration_vmm(
+    sock: &Path,
+    rounds: u32,
+) -> (
+    ApiServer,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Vec<VmmAction>>,
+) {
+    use api::{MigrationAddress, MigrationParameters, RamStats};
+    let (handle, inbox) = action_channel().unwrap();
+    let server = ApiServer::start(sock, handle).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let vmm = std::thread::spawn(move || {
+        let mut state = VmState::Running;
+        let mut info = MigrationInfo::default();
+        let mut params = MigrationParameters::default();
+        let (mut left, mut fail) = (0, false);
+        let mut seen = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: inbox.waker().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+            for req in inbox.drain() {
+                seen.push(req.action.clone());
+                let reply = state.check(&req.action).map(|next| {
+                    state = next;
+                    match &req.action {
+                        VmmAction::Migrate { to } => {
+                            fail =
+                                matches!(to, MigrationAddress::Tcp { host, .. } if host == "fail");
+                            left = rounds;
+                            info = MigrationInfo {
+                                status: MigrationStatus::Active,
+                                ..MigrationInfo::default()
+                            };
+                            VmmResponse::Done
+                        }
+                        VmmAction::QueryMigrate => {
+                            if info.status == MigrationStatus::Active {
+                                if left == 0 && fail {
+                                    info.status = MigrationStatus::Failed;
+                                    info.error_desc = Some("Connection refused".into());
+                                } else if left == 0 {
+                                    state = VmState::PostMigrate;
+                                    info = MigrationInfo {
+                                        status: MigrationStatus::Completed,
+                                        total_time_ms: Some(1500),
+                                        downtime_ms: Some(40),
+                                        ram: Some(RamStats {
+                                            transferred: 300 << 20,
+                                            ..RamStats::default()
+                                        }),
+                                        ..MigrationInfo::default()
+                                    };
+                                }
+                                left = left.saturating_sub(1);
+                            }
+                            VmmResponse::Migration(Box::new(info.clone()))
+                        }
+                        VmmAction::MigrateCancel => {
+                            if info.status == MigrationStatus::Active {
+                                info.status = MigrationStatus::Cancelled;
+                            }
+                            VmmResponse::Done
+                        }
+                        VmmAction::SetMigrationParameters(u) => {
+                            u.apply(&mut params);
+                            VmmResponse::Done
+                        }
+                        VmmAction::GetMigrationParameters => {
+                            VmmResponse::MigrationParameters(params)
+                        }
+                        _ => VmmResponse::Done,
+                    }
+                });
+                (req.reply)(reply);
+            }
+        }
+        seen
+    });
+    (server, stop, vmm)
+}
+
+#[test]
+fn live_migration_commands() {
+    let dir = tmp("live");
+    let sock = dir.join("api.sock");
+    let (server, stop, vmm) = migration_vmm(&sock, 3);
+    let params = CtlCommand::MigrateParams {
+        downtime_limit: None,
+        max_bandwidth: None,
+    };
+    assert_eq!(
+        execute(&sock, &params).unwrap(),
+        "downtime-limit: 300 ms\nmax-bandwidth: 134217728 bytes/second (128 MiB/s)"
+    );
+    let set = CtlCommand::MigrateParams {
+        downtime_limit: Some(50),
+        max_bandwidth: Some(0),
+    };
+    assert_eq!(execute(&sock, &set).unwrap(), "");
+    assert_eq!(
+        execute(&sock, &params).unwrap(),
+        "downtime-limit: 50 ms\nmax-bandwidth: 0 bytes/second (no limit)"
+    );
+    let e = execute(
+        &sock,
+        &CtlCommand::MigrateParams {
+            downtime_limit: Some(5_000_000),
+            max_bandwidth: None,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, CtlError::Http { status: 400, .. }), "{e}");
+
+    // Without --wait: it started.
+    let go = |uri: &str, wait: bool| CtlCommand::Migrate {
+        uri: uri.into(),
+        wait,
+    };
+    let out = execute(&sock, &go("tcp:fail:4446", false)).unwrap();
+    assert!(
+        out.starts_with("Migration to tcp:fail:4446 started"),
+        "{out}"
+    );
+    assert_eq!(execute(&sock, &CtlCommand::MigrateCancel).unwrap(), "");
+    let m = execute(&sock, &CtlCommand::Migration).unwrap();
+    assert!(m.contains("\"status\": \"cancelled\""), "{m}");
+    // --wait: failed and cancelled are errors, completed is the outcome.
+    let e = execute(&sock, &go("tcp:fail:4446", true)).unwrap_err();
+    assert_eq!(e.to_string(), "the migration failed: Connection refused");
+    let out = execute(&sock, &go("tcp:10.0.0.2:4446", true)).unwrap();
+    assert_eq!(
+        out,
+        "Migration to tcp:10.0.0.2:4446 completed in 1500 ms (downtime 40 ms, 300.0 MiB sent); \
+         the VM stays paused here (post_migrate)"
+    );
+    // Paused by the migration: another one is refused until the VM is resumed.
+    let e = execute(&sock, &go("tcp:10.0.0.2:4446", true)).unwrap_err();
+    assert!(matches!(e, CtlError::Http { status: 409, .. }), "{e}");
+    // The VMM checks URIs.
+    let e = execute(&sock, &go("exec:cat", false)).unwrap_err();
+    assert!(matches!(e, CtlError::Http { status: 400, .. }), "{e}");
+    let e = execute(
+        &sock,
+        &CtlCommand::MigrateIncoming {
+            uri: "tcp:0:4446".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, CtlError::Http { status: 409, .. }), "{e}");
+    stop.store(true, Ordering::Relaxed);
+    let seen = vmm.join().unwrap();
+    assert!(seen.contains(&VmmAction::MigrateCancel));
+    server.shutdown();
+}
+
+#[test]
+fn a_cancelled_wait_is_an_error() {
+    let sock = tmp("cancelwait").join("api.sock");
+    let (server, stop, vmm) = migration_vmm(&sock, u32::MAX);
+    let s2 = sock.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        execute(&s2, &CtlCommand::MigrateCancel).unwrap();
+    });
+    let e = execute(
+        &sock,
+        &CtlCommand::Migrate {
+            uri: "unix:/run/dst.sock".into(),
+            wait: true,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, CtlError::MigrationCancelled), "{e}");
+    canceller.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    vmm.join().unwrap();
+    server.shutdown();
+}
+
+#[test]
+fn migration_routes_and_bodies() {
+    let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    let body = |c: CtlCommand| {
+        let b: serde_json::Value = serde_json::from_str(&c.body().unwrap().unwrap()).unwrap();
+        (c.route(), b)
+    };
+    assert_eq!(
+        body(CtlCommand::Migrate {
+            uri: "tcp:[::1]:4446".into(),
+            wait: true
+        }),
+        (
+            ("PUT", "/vm/migrate"),
+            serde_json::json!({"uri": "tcp:[::1]:4446"})
+        )
+    );
+    // A unix socket is made absolute, as a state file is.
+    assert_eq!(
+        body(CtlCommand::MigrateIncoming {
+            uri: "unix:mig.sock".into()
+        }),
+        (
+            ("PUT", "/vm/migrate/incoming"),
+            serde_json::json!({ "uri": format!("unix:{}", cwd.join("mig.sock").display()) })
+        )
+    );
+    assert_eq!(
+        body(CtlCommand::MigrateParams {
+            downtime_limit: None,
+            max_bandwidth: Some(1 << 30)
+        }),
+        (
+            ("PUT", "/vm/migrate/parameters"),
+            serde_json::json!({"max_bandwidth": 1_073_741_824u64})
+        )
+    );
+    let get = CtlCommand::MigrateParams {
+        downtime_limit: None,
+        max_bandwidth: None,
+    };
+    assert_eq!(get.route(), ("GET", "/vm/migrate/parameters"));
+    assert_eq!(get.body().unwrap(), None);
+    assert_eq!(
+        CtlCommand::MigrateCancel.route(),
+        ("PUT", "/vm/migrate/cancel")
+    );
+
+    use clap::Parser;
+    let parse = |args: &[&str]| {
+        let mut all = vec!["vmm", "ctl", "--api-socket", "/run/a.sock"];
+        all.extend_from_slice(args);
+        match crate::cli::Cli::try_parse_from(all).map(|c| c.command) {
+            Ok(Some(crate::cli::Command::Ctl(a))) => Ok(a.command),
+            Ok(_) => panic!("not ctl"),
+            Err(e) => Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        parse(&["migrate", "tcp:h:1", "--wait"]),
+        Ok(CtlCommand::Migrate {
+            uri: "tcp:h:1".into(),
+            wait: true
+        })
+    );
+    assert_eq!(
+        parse(&["migrate-params", "--downtime-limit", "100"]),
+        Ok(CtlCommand::MigrateParams {
+            downtime_limit: Some(100),
+            max_bandwidth: None
+        })
+    );
+    assert!(parse(&["migrate"]).is_err());
+    assert!(parse(&["migrate-params", "--max-bandwidth", "-1"]).is_err());
+    assert!(parse(&["migrate-cancel", "now"]).is_err());
 }

@@ -6,8 +6,10 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use virtio::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use super::format::MemoryLayout;
 
@@ -64,7 +66,8 @@ pub fn map_private(file: &File, layout: &MemoryLayout) -> Result<GuestMemoryMmap
     let mut regions = Vec::with_capacity(layout.regions.len());
     let mut offset = layout.data_offset;
     for r in &layout.regions {
-        let mapping = MmapRegionBuilder::new(r.len as usize)
+        let len = r.len as usize;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

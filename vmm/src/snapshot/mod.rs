@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use api::VmConfig;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use virtio::GuestMemoryMmap;
 
 use crate::cli::Constraints;
 use crate::registry::DeviceState;
@@ -97,19 +97,30 @@ pub enum SnapshotError {
     },
 }
 
-/// A state file that was read and checked, ready to be restored.
-#[derive(Debug)]
+/// A saved VM that was read and checked, ready to be restored: from a state file, or
+/// received from a live migration's source.
 pub struct Loaded {
-    /// Where it came from.
-    pub path: PathBuf,
-    /// The open file (guest memory maps it).
-    pub file: File,
     /// The saved VM's configuration.
     pub config: VmConfig,
     /// vCPU, VM and device state.
     pub state: MachineState,
-    /// Where guest RAM is in the file.
-    pub memory: MemoryLayout,
+    /// Guest RAM.
+    pub memory: SavedMemory,
+    /// The source of a live migration, waiting to hear that the VM runs here.
+    pub peer: Option<crate::migration::dest::Peer>,
+}
+
+/// Where a saved VM's RAM is.
+pub enum SavedMemory {
+    /// In a state file, to be mapped.
+    File {
+        /// The open file.
+        file: File,
+        /// Where guest RAM is in it.
+        layout: MemoryLayout,
+    },
+    /// Already in guest RAM (a live migration filled it); taken by the VM that is built.
+    Received(std::cell::Cell<Option<crate::vm::GuestRam>>),
 }
 
 /// Reads and checks a state file: header, checksums, configuration, state, memory layout and
@@ -124,13 +135,12 @@ pub fn load(path: &Path) -> Result<Loaded, SnapshotError> {
     if !meta.is_file() {
         return Err(open_err(std::io::Error::other("not a regular file")));
     }
-    let (config, state, memory) = check_stream(path, &mut file, meta.len())?;
+    let (config, state, layout) = check_stream(path, &mut file, meta.len())?;
     Ok(Loaded {
-        path: path.to_path_buf(),
-        file,
         config,
         state,
-        memory,
+        memory: SavedMemory::File { file, layout },
+        peer: None,
     })
 }
 

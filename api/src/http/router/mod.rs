@@ -1,5 +1,8 @@
 //! The REST API's routes, what each turns into, and the HTTP responses (JSON bodies, errors as
-//! `{"error": "..."}`). `api/openapi.json` documents exactly [`ROUTES`] (a test checks it).
+//! `{"error": "..."}`). `api/openapi.json` documents exactly [`ROUTES`] (a test checks it). The
+//! live-migration bodies are in `migration.rs`.
+
+mod migration;
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +32,20 @@ pub enum Route {
     Snapshot,
     /// `PUT /vm/restore` with `{"path": "/absolute/file"}`.
     Restore,
-    /// `GET /vm/migration`: the last snapshot's or restore's status and statistics.
+    /// `GET /vm/migration`: the last migration's, snapshot's or restore's status and statistics.
     GetMigration,
+    /// `PUT /vm/migrate` with `{"uri": "tcp:HOST:PORT" | "unix:/path"}`: start a live migration.
+    Migrate,
+    /// `GET /vm/migrate`: the same as `GET /vm/migration`.
+    GetMigrate,
+    /// `PUT /vm/migrate/cancel`: cancel the live migration in progress, if any.
+    MigrateCancel,
+    /// `PUT /vm/migrate/incoming` with `{"uri": ...}`: receive a live migration there.
+    MigrateIncoming,
+    /// `GET /vm/migrate/parameters`: `{"downtime_limit_ms": N, "max_bandwidth": N}`.
+    GetMigrationParameters,
+    /// `PUT /vm/migrate/parameters` with either or both of those members.
+    SetMigrationParameters,
     /// `PUT /vm/set-link` with `{"id": "net0", "up": false}` (QMP `set_link`).
     SetLink,
     /// `PUT /vm/net-rate-limit` with `{"id": "net0", "tx_rate_limiter": {...}}`.
@@ -76,6 +91,20 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("PUT", "/vm/snapshot", Route::Snapshot),
     ("PUT", "/vm/restore", Route::Restore),
     ("GET", "/vm/migration", Route::GetMigration),
+    ("PUT", "/vm/migrate", Route::Migrate),
+    ("GET", "/vm/migrate", Route::GetMigrate),
+    ("PUT", "/vm/migrate/cancel", Route::MigrateCancel),
+    ("PUT", "/vm/migrate/incoming", Route::MigrateIncoming),
+    (
+        "GET",
+        "/vm/migrate/parameters",
+        Route::GetMigrationParameters,
+    ),
+    (
+        "PUT",
+        "/vm/migrate/parameters",
+        Route::SetMigrationParameters,
+    ),
     ("PUT", "/vm/set-link", Route::SetLink),
     ("PUT", "/vm/net-rate-limit", Route::NetRateLimit),
     ("PUT", "/vm/agent", Route::Agent),
@@ -106,6 +135,8 @@ impl Route {
             Route::GetVm
                 | Route::GetVersion
                 | Route::GetMigration
+                | Route::GetMigrate
+                | Route::GetMigrationParameters
                 | Route::AgentInterfaces
                 | Route::AgentFilesystems
                 | Route::AgentOs
@@ -136,7 +167,12 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::PowerButton => plain(VmmAction::PowerButton),
         Route::Reset => plain(VmmAction::Reset),
         Route::Shutdown => plain(VmmAction::Shutdown),
-        Route::GetMigration => plain(VmmAction::QueryMigrate),
+        Route::GetMigration | Route::GetMigrate => plain(VmmAction::QueryMigrate),
+        Route::Migrate => migration::uri_action(body, migration::Direction::Outgoing),
+        Route::MigrateIncoming => migration::uri_action(body, migration::Direction::Incoming),
+        Route::MigrateCancel => plain(VmmAction::MigrateCancel),
+        Route::GetMigrationParameters => plain(VmmAction::GetMigrationParameters),
+        Route::SetMigrationParameters => migration::parameters_action(body),
         Route::Snapshot => path_body(body).map(|path| VmmAction::Snapshot { path }),
         Route::Restore => path_body(body).map(|path| VmmAction::Restore { path }),
         Route::SetLink => set_link_body(body),
@@ -530,8 +566,13 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         Ok(VmmResponse::Version(v)) if route == Route::GetVersion => {
             Response::ok(serde_json::to_value(&v).unwrap_or(Value::Null))
         }
-        Ok(VmmResponse::Migration(info)) if route == Route::GetMigration => {
+        Ok(VmmResponse::Migration(info))
+            if matches!(route, Route::GetMigration | Route::GetMigrate) =>
+        {
             Response::ok(serde_json::to_value(&info).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::MigrationParameters(p)) if route == Route::GetMigrationParameters => {
+            Response::ok(serde_json::to_value(p).unwrap_or(Value::Null))
         }
         Ok(VmmResponse::Agent(v)) if route == Route::Agent => {
             Response::ok(serde_json::json!({ "return": v }))

@@ -227,3 +227,167 @@ fn agent_verbs_and_metrics() {
     assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
     assert!(body.contains("vmm_cpu_usage_percent 1\n"));
 }
+
+#[test]
+fn live_migration_routes() {
+    use crate::action::{
+        MigrationAddress, MigrationInfo, MigrationParameters, MigrationParametersUpdate,
+        MigrationStatus,
+    };
+    assert_eq!(route("PUT", "/vm/migrate"), Ok(Route::Migrate));
+    assert_eq!(route("GET", "/vm/migrate"), Ok(Route::GetMigrate));
+    assert_eq!(route("PUT", "/vm/migrate/cancel"), Ok(Route::MigrateCancel));
+    assert_eq!(
+        route("PUT", "/vm/migrate/incoming"),
+        Ok(Route::MigrateIncoming)
+    );
+    assert_eq!(
+        route("GET", "/vm/migrate/parameters"),
+        Ok(Route::GetMigrationParameters)
+    );
+    assert_eq!(
+        route("PUT", "/vm/migrate/parameters"),
+        Ok(Route::SetMigrationParameters)
+    );
+    let r = route("POST", "/vm/migrate").unwrap_err();
+    assert_eq!((r.status, r.allow.as_deref()), (405, Some("PUT, GET")));
+    assert_eq!(route("GET", "/vm/migrate/cancel").unwrap_err().status, 405);
+
+    assert_eq!(
+        action(Route::Migrate, br#"{"uri": "tcp:10.0.0.2:4446"}"#),
+        Ok(VmmAction::Migrate {
+            to: MigrationAddress::Tcp {
+                host: "10.0.0.2".into(),
+                port: 4446
+            }
+        })
+    );
+    assert_eq!(
+        action(Route::MigrateIncoming, br#"{"uri": "unix:/run/m.sock"}"#),
+        Ok(VmmAction::MigrateIncoming {
+            from: MigrationAddress::Unix("/run/m.sock".into())
+        })
+    );
+    assert_eq!(action(Route::GetMigrate, b""), Ok(VmmAction::QueryMigrate));
+    assert_eq!(
+        action(Route::MigrateCancel, b"{}"),
+        Ok(VmmAction::MigrateCancel)
+    );
+    assert_eq!(
+        action(Route::MigrateCancel, br#"{"x": 1}"#)
+            .unwrap_err()
+            .status,
+        400
+    );
+    let err = |r: Route, body: &[u8]| {
+        let resp = action(r, body).unwrap_err();
+        assert_eq!(resp.status, 400);
+        resp.body.unwrap()["error"].as_str().unwrap().to_string()
+    };
+    assert!(err(Route::Migrate, b"").contains("needs a JSON body"));
+    assert!(err(Route::Migrate, b"{}").contains("missing field `uri`"));
+    assert!(err(Route::Migrate, br#"{"uri": 1}"#).contains("must be a string"));
+    assert!(err(Route::Migrate, br#"{"uri": "tcp:h:1", "x": 1}"#).contains("unexpected field `x`"));
+    assert!(err(Route::Migrate, br#"{"uri": "file:/x"}"#).contains("PUT /vm/snapshot"));
+    assert!(err(Route::MigrateIncoming, br#"{"uri": "file:/x"}"#).contains("PUT /vm/restore"));
+    assert!(err(Route::Migrate, br#"{"uri": "exec:cat"}"#).contains("must be `tcp:HOST:PORT`"));
+    assert_eq!(
+        err(Route::Migrate, br#"{"uri": "tcp:nowhere"}"#),
+        "invalid `uri`: error parsing address 'nowhere'"
+    );
+    assert!(err(Route::Migrate, br#"{"uri": "unix:rel.sock"}"#).contains("absolute path"));
+
+    // Parameters: either, both or none.
+    let set = |d, b| {
+        Ok(VmmAction::SetMigrationParameters(
+            MigrationParametersUpdate {
+                downtime_limit_ms: d,
+                max_bandwidth: b,
+            },
+        ))
+    };
+    assert_eq!(
+        action(
+            Route::SetMigrationParameters,
+            br#"{"downtime_limit_ms": 50}"#
+        ),
+        set(Some(50), None)
+    );
+    assert_eq!(
+        action(
+            Route::SetMigrationParameters,
+            br#"{"downtime_limit_ms": 50, "max_bandwidth": 0}"#
+        ),
+        set(Some(50), Some(0))
+    );
+    assert_eq!(action(Route::SetMigrationParameters, b""), set(None, None));
+    assert!(err(
+        Route::SetMigrationParameters,
+        br#"{"downtime_limit_ms": 2000001}"#
+    )
+    .contains("at most 2000000"));
+    assert!(err(
+        Route::SetMigrationParameters,
+        br#"{"downtime_limit_ms": -1}"#
+    )
+    .contains("invalid request body"));
+    assert!(
+        err(Route::SetMigrationParameters, br#"{"downtime-limit": 5}"#).contains("unknown field")
+    );
+
+    // Answers: the status as GET /vm/migration has it, the parameters, 204 for the actions.
+    let info = MigrationInfo {
+        status: MigrationStatus::Active,
+        expected_downtime_ms: Some(20),
+        ..MigrationInfo::default()
+    };
+    let r = respond(
+        Route::GetMigrate,
+        Ok(VmmResponse::Migration(Box::new(info.clone()))),
+    );
+    assert_eq!(r.status, 200);
+    let body = r.body.unwrap();
+    assert_eq!(body["status"], "active");
+    assert_eq!(body["expected_downtime_ms"], 20);
+    assert_eq!(
+        respond(
+            Route::GetMigration,
+            Ok(VmmResponse::Migration(Box::new(info)))
+        )
+        .body
+        .unwrap(),
+        body
+    );
+    let r = respond(
+        Route::GetMigrationParameters,
+        Ok(VmmResponse::MigrationParameters(
+            MigrationParameters::default(),
+        )),
+    );
+    assert_eq!(
+        (r.status, r.body),
+        (
+            200,
+            Some(json!({"downtime_limit_ms": 300, "max_bandwidth": 134_217_728}))
+        )
+    );
+    for r in [
+        Route::Migrate,
+        Route::MigrateCancel,
+        Route::MigrateIncoming,
+        Route::SetMigrationParameters,
+    ] {
+        assert_eq!(respond(r, Ok(VmmResponse::Done)).status, 204, "{r:?}");
+    }
+    let refused = ActionError::InvalidState {
+        action: "migrate",
+        state: VmState::PostMigrate,
+    };
+    assert_eq!(respond(Route::Migrate, Err(refused)).status, 409);
+    let busy = ActionError::Refused {
+        action: "migrate",
+        reason: "There's a migration process in progress".into(),
+        kind: Refusal::NotNow,
+    };
+    assert_eq!(respond(Route::Migrate, Err(busy)).status, 409);
+}

@@ -421,10 +421,12 @@ fn migrate_argument_errors_are_answered_at_once() {
         assert_eq!(error(&r), ("GenericError", desc), "{req}");
         assert!(!m.busy());
     }
-    let r = answer(m.request(mig(json!({"uri": "tcp:127.0.0.1:4444"}))));
+    let r = answer(m.request(mig(json!({"uri": "exec:nc host 4444"}))));
     assert!(error(&r)
         .1
-        .contains("'tcp:' migration transport is not supported yet"));
+        .contains("'exec:' migration transport is not supported by this VMM"));
+    let r = answer(m.request(mig(json!({"uri": "tcp:host"}))));
+    assert_eq!(error(&r), ("GenericError", "error parsing address 'host'"));
 }
 
 #[test]
@@ -466,7 +468,7 @@ fn migrate_incoming_checks_the_run_state_first() {
     m.set_restore_started(false);
     // Bad arguments: the state decides which error QEMU gives.
     assert_eq!(
-        m.request(inc(json!({"uri": "tcp:0:4446"}))),
+        m.request(inc(json!({"uri": "exec:cat"}))),
         Step::Submit(VmmAction::GetVmInfo)
     );
     let r = answer(m.reply(vm(VmState::Running)));
@@ -474,11 +476,11 @@ fn migrate_incoming_checks_the_run_state_first() {
         error(&r).1,
         "'-incoming' was not specified on the command line"
     );
-    m.request(inc(json!({"uri": "tcp:0:4446"})));
+    m.request(inc(json!({"uri": "exec:cat"})));
     let r = answer(m.reply(vm(VmState::Incoming)));
     assert!(error(&r)
         .1
-        .contains("'tcp:' migration transport is not supported yet"));
+        .contains("'exec:' migration transport is not supported by this VMM"));
     m.request(inc(json!({})));
     let r = answer(m.reply(vm(VmState::Incoming)));
     assert_eq!(error(&r).1, "need either 'uri' or 'channels' argument");

@@ -1,16 +1,19 @@
 //! The human monitor commands reachable through QMP's `human-monitor-command`, with HMP's text
 //! output (QEMU's `monitor_puts` turns every `\n` into `\r\n`).
 //!
-//! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities|network`, `stop`
-//! (`s`), `cont` (`c`), `system_powerdown`, `system_reset`, `quit` (`q`), `migrate [-d] [-r]
-//! URI`, `migrate_incoming URI`, `migrate_set_capability NAME on|off`, `set_link NAME on|off`. Anything else prints what QEMU
-//! prints. Arguments are split at white space (QEMU's quoted strings are not parsed).
+//! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities|
+//! migrate_parameters|network|blockstats|balloon`, `help` (`?`), `stop` (`s`), `cont` (`c`),
+//! `system_powerdown`, `system_reset`, `quit` (`q`), `balloon`, `set_link NAME on|off`, and the
+//! migration commands of [`migration`]: `migrate [-d] [-r] URI`, `migrate_incoming URI`,
+//! `migrate_cancel`, `migrate_set_capability NAME on|off`, `migrate_set_parameter NAME VALUE`.
+//! Anything else prints what QEMU prints. Arguments are split at white space (QEMU's quoted
+//! strings are not parsed).
+
+mod migration;
 
 use super::commands::{unexpected, vm_info, CommandError};
-use super::migration;
-use crate::action::{
-    ActionError, MigrationInfo, MigrationStatus, VersionInfo, VmInfo, VmState, VmmAction,
-};
+use super::migration::{action_error_text, capability_states, params};
+use crate::action::{ActionError, VersionInfo, VmInfo, VmState, VmmAction};
 use crate::controller::Reply;
 use crate::VmmResponse;
 
@@ -23,6 +26,8 @@ pub(crate) enum HmpCommand {
     Info(InfoKind),
     /// Runs an action; prints nothing on success, `Error: ...` on failure.
     Action(VmmAction),
+    /// Runs an action; prints this text on success, `Error: ...` on failure.
+    ActionThen(VmmAction, &'static str),
 }
 
 /// `info` subcommands that need the VMM.
@@ -36,6 +41,8 @@ pub(crate) enum InfoKind {
     Migrate,
     /// `info migrate_capabilities`.
     MigrateCapabilities,
+    /// `info migrate_parameters`.
+    MigrateParameters,
     /// `info network`.
     Network,
     /// `info blockstats`.
@@ -51,6 +58,7 @@ impl InfoKind {
             InfoKind::Status | InfoKind::Cpus | InfoKind::Network => VmmAction::GetVmInfo,
             InfoKind::Migrate => VmmAction::QueryMigrate,
             InfoKind::MigrateCapabilities => VmmAction::GetMigrationCapabilities,
+            InfoKind::MigrateParameters => VmmAction::GetMigrationParameters,
             InfoKind::Blockstats => VmmAction::QueryBlockStats,
             InfoKind::Balloon => VmmAction::GetBalloon,
         }
@@ -69,6 +77,7 @@ info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
 info migrate [-a] -- show migration status (-a: all, dump all status)
 info migrate_capabilities  -- show current migration capabilities
+info migrate_parameters  -- show current migration parameters
 info name  -- show the current VM name
 info network  -- show the network state
 info status  -- show the current VM status (running|paused)
@@ -83,6 +92,7 @@ const INFO_NO_ARGS: &[&str] = &[
     "kvm",
     "name",
     "migrate_capabilities",
+    "migrate_parameters",
     "network",
     "blockstats",
     "balloon",
@@ -145,20 +155,15 @@ pub(crate) fn parse(line: &str) -> HmpCommand {
         ),
         "system_reset" => no_args(HmpCommand::Action(VmmAction::Reset), "system_reset"),
         "quit" | "q" => no_args(HmpCommand::Action(VmmAction::Shutdown), "quit|q"),
-        "migrate" => parse_migrate(line, &rest),
-        "migrate_incoming" => match rest.as_slice() {
-            [] => bad_args("migrate_incoming: string expected", line, 1),
-            [uri] => match migration::parse_uri(uri) {
-                Ok(path) => HmpCommand::Action(VmmAction::Restore { path }),
-                Err(e) => error_text(&e.desc),
-            },
-            _ => bad_args(
-                "migrate_incoming: extraneous characters at the end of line",
-                line,
-                1,
-            ),
-        },
-        "migrate_set_capability" => parse_set_capability(line, &rest),
+        "help" | "?" => help(&rest),
+        "migrate" => migration::parse_migrate(line, &rest),
+        "migrate_incoming" => migration::parse_incoming(line, &rest),
+        "migrate_cancel" => no_args(
+            HmpCommand::Action(VmmAction::MigrateCancel),
+            "migrate_cancel",
+        ),
+        "migrate_set_capability" => migration::parse_set_capability(line, &rest),
+        "migrate_set_parameter" => migration::parse_set_parameter(line, &rest),
         "balloon" => match rest.as_slice() {
             [] => bad_args("balloon: integer expected", line, 1),
             [size] => match parse_mib(size) {
@@ -226,6 +231,7 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         "cpus" => HmpCommand::Info(InfoKind::Cpus),
         "migrate" => HmpCommand::Info(InfoKind::Migrate),
         "migrate_capabilities" => HmpCommand::Info(InfoKind::MigrateCapabilities),
+        "migrate_parameters" => HmpCommand::Info(InfoKind::MigrateParameters),
         "network" => HmpCommand::Info(InfoKind::Network),
         "blockstats" => HmpCommand::Info(InfoKind::Blockstats),
         "balloon" => HmpCommand::Info(InfoKind::Balloon),
@@ -255,63 +261,6 @@ fn parse_mib(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
-/// `migrate [-d] [-r] URI` (QEMU's `detach:-d,resume:-r,uri:s`: the flags in that order).
-fn parse_migrate(line: &str, rest: &[&str]) -> HmpCommand {
-    let mut i = 0;
-    let mut resume = false;
-    // Each flag in turn; a later flag is left for its turn, anything else is refused.
-    for (flag, later) in [('d', "r"), ('r', "")] {
-        let Some(opt) = rest.get(i).and_then(|w| w.strip_prefix('-')) else {
-            continue;
-        };
-        let c = opt.chars().next().unwrap_or(' ');
-        if c == flag {
-            resume |= flag == 'r';
-            i += 1;
-        } else if !later.contains(c) {
-            return bad_args(&format!("migrate: unsupported option -{c}"), line, 1);
-        }
-    }
-    let Some(uri) = rest.get(i) else {
-        return bad_args("migrate: string expected", line, 1);
-    };
-    if rest.len() > i + 1 {
-        return bad_args("migrate: extraneous characters at the end of line", line, 1);
-    }
-    // `-d` changes nothing: the snapshot is taken before the command returns.
-    match migration::parse_uri(uri) {
-        Err(e) => error_text(&e.desc),
-        Ok(_) if resume => error_text("Cannot resume if there is no paused migration"),
-        Ok(path) => HmpCommand::Action(VmmAction::Snapshot { path }),
-    }
-}
-
-/// `migrate_set_capability NAME on|off`.
-fn parse_set_capability(line: &str, rest: &[&str]) -> HmpCommand {
-    let Some(name) = rest.first() else {
-        return bad_args("migrate_set_capability: string expected", line, 1);
-    };
-    let state = match rest.get(1) {
-        Some(&"on") => true,
-        Some(&"off") => false,
-        _ => return bad_args("Expected 'on' or 'off'", line, 1),
-    };
-    if rest.len() > 2 {
-        return bad_args(
-            "migrate_set_capability: extraneous characters at the end of line",
-            line,
-            1,
-        );
-    }
-    if !migration::QEMU_CAPABILITIES.contains(name) {
-        return error_text(&format!("invalid parameter value: {name}"));
-    }
-    match migration::capability_changes([(*name, state)]) {
-        Ok(caps) => HmpCommand::Action(VmmAction::SetMigrationCapabilities(caps)),
-        Err(e) => error_text(&e.desc),
-    }
-}
-
 /// The text of an `info` command from the VMM's answer to [`InfoKind::action`].
 pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<String, CommandError> {
     match kind {
@@ -319,16 +268,20 @@ pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<Strin
             vm_info(reply).map(|vm| info_text(kind, &vm, cpu))
         }
         InfoKind::Migrate => match reply {
-            Ok(VmmResponse::Migration(info)) => Ok(crlf(&migrate_text(&info))),
+            Ok(VmmResponse::Migration(info)) => Ok(crlf(&migration::migrate_text(&info))),
             other => Err(unexpected(other)),
         },
         InfoKind::MigrateCapabilities => match reply {
             Ok(VmmResponse::MigrationCapabilities(caps)) => Ok(crlf(
-                &migration::capability_states(&caps)
+                &capability_states(&caps)
                     .into_iter()
                     .map(|(name, on)| format!("{name}: {}\n", if on { "on" } else { "off" }))
                     .collect::<String>(),
             )),
+            other => Err(unexpected(other)),
+        },
+        InfoKind::MigrateParameters => match reply {
+            Ok(VmmResponse::MigrationParameters(p)) => Ok(crlf(&params::info_text(&p))),
             other => Err(unexpected(other)),
         },
         InfoKind::Blockstats => match reply {
@@ -420,105 +373,11 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
             .collect(),
         InfoKind::Migrate
         | InfoKind::MigrateCapabilities
+        | InfoKind::MigrateParameters
         | InfoKind::Blockstats
         | InfoKind::Balloon => String::new(),
     };
     crlf(&text)
-}
-
-/// `info migrate` as QEMU 10.1 prints it (migration/migration-hmp-cmds.c `hmp_info_migrate`),
-/// with `\n` line ends. Nothing before the first migration.
-pub(crate) fn migrate_text(info: &MigrationInfo) -> String {
-    let mut out = String::new();
-    if info.status != MigrationStatus::None {
-        out.push_str(&format!("Status: \t\t{}", info.status.as_str()));
-        match &info.error_desc {
-            Some(e) if info.status == MigrationStatus::Failed => out.push_str(&format!(" ({e})\n")),
-            _ => out.push('\n'),
-        }
-        if let Some(total) = info.total_time_ms.filter(|t| *t != 0) {
-            out.push_str(&format!("Time (ms): \t\ttotal={total}"));
-            if let Some(setup) = info.setup_time_ms {
-                out.push_str(&format!(", setup={setup}"));
-            }
-            if let Some(down) = info.downtime_ms {
-                out.push_str(&format!(", down={down}"));
-            }
-            out.push('\n');
-        }
-    }
-    if let Some(ram) = &info.ram {
-        // The same derived members as `query-migrate` (see `migration::ram_json`).
-        out.push_str("RAM info:\n");
-        out.push_str(&format!("  Throughput (Mbps): \t{:.2}\n", ram.mbps));
-        out.push_str(&format!(
-            "  Sizes: \t\tpagesize={}, total={}\n",
-            size_to_str(4096),
-            size_to_str(ram.total)
-        ));
-        out.push_str(&format!(
-            "  Transfers: \t\ttransferred={}, remain={}\n",
-            size_to_str(ram.transferred),
-            size_to_str(ram.remaining)
-        ));
-        out.push_str(&format!(
-            "    Channels: \t\tprecopy={0}, multifd={0}, postcopy={0}\n",
-            size_to_str(0)
-        ));
-        out.push_str(&format!(
-            "    Page Types: \tnormal={}, zero={}\n",
-            ram.normal, ram.duplicate
-        ));
-        out.push_str(&format!(
-            "  Page Rates (pps): \ttransfer={}\n",
-            ram.pages_per_second
-        ));
-        out.push_str("  Others: \t\tdirty_syncs=1");
-        if ram.transferred != 0 {
-            out.push_str(&format!(", downtime_bytes={}", ram.transferred));
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// QEMU's `size_to_str`: IEC units, switching up once the number reaches 1000, printed `%0.3g`.
-fn size_to_str(val: u64) -> String {
-    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-    let x = val as f64 / (1000.0 / 1024.0);
-    // frexp's exponent: x = m * 2^e with m in [0.5, 1).
-    let e = if x == 0.0 {
-        0
-    } else {
-        ((x.to_bits() >> 52) & 0x7ff) as i32 - 1022
-    };
-    let i = ((e - 1) / 10).clamp(0, 6) as usize;
-    let div = (1u64 << (i * 10)) as f64;
-    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
-}
-
-/// C's `%0.3g`: three significant digits, trailing zeros dropped, exponent form outside
-/// 1e-4..1e3.
-fn fmt_g3(v: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
-    }
-    let sci = format!("{v:.2e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let trim = |s: &str| {
-        if s.contains('.') {
-            s.trim_end_matches('0').trim_end_matches('.').to_string()
-        } else {
-            s.to_string()
-        }
-    };
-    if (-4..3).contains(&exp) {
-        trim(&format!("{v:.*}", (2 - exp) as usize))
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
-    }
 }
 
 /// What an HMP action prints: nothing when it worked (or was a no-op, as `stop` on a paused VM
@@ -528,14 +387,95 @@ pub(crate) fn action_text(
     result: Result<(), ActionError>,
     restore_started: bool,
 ) -> String {
+    action_then_text(action, result, restore_started, "")
+}
+
+/// [`action_text`] for an action that prints `done` when it worked.
+pub(crate) fn action_then_text(
+    action: &VmmAction,
+    result: Result<(), ActionError>,
+    restore_started: bool,
+    done: &str,
+) -> String {
     match result {
-        Ok(()) => String::new(),
+        Ok(()) => crlf(done),
         Err(e) if super::commands::is_noop(action, &e) => String::new(),
         Err(e) => crlf(&format!(
             "Error: {}\n",
-            migration::action_error_text(action, &e, restore_started)
+            action_error_text(action, &e, restore_started)
         )),
     }
+}
+
+/// QEMU's `help` lines (hmp-commands.hx: name, parameters, help) of the commands above, sorted
+/// by name as QEMU sorts its table.
+const HELP: &[(&str, &str)] = &[
+    (
+        "balloon",
+        "balloon target -- request VM to change its memory allocation (in MB)\n",
+    ),
+    ("cont|c", "cont|c  -- resume emulation\n"),
+    ("help|?", "help|? [cmd] -- show the help\n"),
+    (
+        "info",
+        "info [subcommand] -- show various information about the system state\n",
+    ),
+    (
+        "migrate",
+        "migrate [-d] [-r] uri -- migrate to URI (using -d to not wait for completion)\n\
+         \t\t\t -r to resume a paused postcopy migration\n",
+    ),
+    (
+        "migrate_cancel",
+        "migrate_cancel  -- cancel the current VM migration\n",
+    ),
+    (
+        "migrate_incoming",
+        "migrate_incoming uri -- Continue an incoming migration from an -incoming defer\n",
+    ),
+    (
+        "migrate_set_capability",
+        "migrate_set_capability capability state -- Enable/Disable the usage of a capability \
+         for migration\n",
+    ),
+    (
+        "migrate_set_parameter",
+        "migrate_set_parameter parameter value -- Set the parameter for migration\n",
+    ),
+    ("quit|q", "quit|q  -- quit the emulator\n"),
+    (
+        "set_link",
+        "set_link name on|off -- change the link status of a network adapter\n",
+    ),
+    ("stop|s", "stop|s  -- stop emulation\n"),
+    (
+        "system_powerdown",
+        "system_powerdown  -- send system power down event\n",
+    ),
+    ("system_reset", "system_reset  -- reset the system\n"),
+];
+
+/// `help [CMD]` (`?`): every command, one (with an alias), or `info`'s subcommands.
+fn help(args: &[&str]) -> HmpCommand {
+    let text = match args {
+        [] => HELP.iter().map(|(_, text)| *text).collect(),
+        ["info"] => INFO_HELP.to_string(),
+        ["info", sub, ..] => match INFO_HELP
+            .lines()
+            .find(|l| l.strip_prefix("info ").and_then(|r| r.split(' ').next()) == Some(*sub))
+        {
+            Some(l) => format!("{l}\n"),
+            None => format!("unknown command: 'info {sub}'\n"),
+        },
+        [cmd, ..] => match HELP
+            .iter()
+            .find(|(names, _)| names.split('|').any(|n| n == *cmd))
+        {
+            Some((_, text)) => text.to_string(),
+            None => format!("unknown command: '{cmd}'\n"),
+        },
+    };
+    HmpCommand::Text(crlf(&text))
 }
 
 #[cfg(test)]

@@ -82,187 +82,6 @@ fn text(cmd: HmpCommand) -> String {
 }
 
 #[test]
-fn migrate_commands_parse_like_qemu() {
-    let snap = |p: &str| HmpCommand::Action(VmmAction::Snapshot { path: p.into() });
-    assert_eq!(parse("migrate file:/tmp/s"), snap("/tmp/s"));
-    assert_eq!(parse("migrate -d file:/tmp/s"), snap("/tmp/s"));
-    assert_eq!(
-        text(parse("migrate -r file:/tmp/s")),
-        "Error: Cannot resume if there is no paused migration\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate -d -r file:/tmp/s")),
-        "Error: Cannot resume if there is no paused migration\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate -x file:/tmp/s")),
-        "migrate: unsupported option -x\r\nTry \"help migrate\" for more information\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate")),
-        "migrate: string expected\r\nTry \"help migrate\" for more information\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate -d")),
-        "migrate: string expected\r\nTry \"help migrate\" for more information\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate file:/a file:/b")),
-        "migrate: extraneous characters at the end of line\r\n\
-         Try \"help migrate\" for more information\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate bogus:x")),
-        "Error: unknown migration protocol: bogus:x\r\n"
-    );
-    assert!(text(parse("migrate tcp:0:4446")).starts_with("Error: the 'tcp:' migration"));
-    assert_eq!(
-        parse("migrate_incoming file:/tmp/s"),
-        HmpCommand::Action(VmmAction::Restore {
-            path: "/tmp/s".into()
-        })
-    );
-    assert_eq!(
-        text(parse("migrate_incoming")),
-        "migrate_incoming: string expected\r\n\
-         Try \"help migrate_incoming\" for more information\r\n"
-    );
-    assert!(text(parse("migrate_incoming exec:cat")).starts_with("Error: the 'exec:'"));
-}
-
-#[test]
-fn set_capability_parses_like_qemu() {
-    assert_eq!(
-        parse("migrate_set_capability events on"),
-        HmpCommand::Action(VmmAction::SetMigrationCapabilities(vec![
-            crate::action::MigrationCapabilityState {
-                capability: crate::action::MigrationCapability::Events,
-                state: true,
-            }
-        ]))
-    );
-    assert_eq!(
-        parse("migrate_set_capability xbzrle off"),
-        HmpCommand::Action(VmmAction::SetMigrationCapabilities(vec![]))
-    );
-    assert_eq!(
-        text(parse("migrate_set_capability xbzrle on")),
-        "Error: capability 'xbzrle' is not supported by this VMM\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate_set_capability nope on")),
-        "Error: invalid parameter value: nope\r\n"
-    );
-    assert_eq!(
-        text(parse("migrate_set_capability events yes")),
-        "Expected 'on' or 'off'\r\n\
-         Try \"help migrate_set_capability\" for more information\r\n"
-    );
-    assert!(text(parse("migrate_set_capability"))
-        .starts_with("migrate_set_capability: string expected\r\n"));
-}
-
-#[test]
-fn info_migrate_subcommands() {
-    assert_eq!(parse("info migrate"), HmpCommand::Info(InfoKind::Migrate));
-    assert_eq!(
-        parse("info migrate -a"),
-        HmpCommand::Info(InfoKind::Migrate)
-    );
-    assert_eq!(
-        parse("i migrate_capabilities"),
-        HmpCommand::Info(InfoKind::MigrateCapabilities)
-    );
-    assert_eq!(InfoKind::Migrate.action(), VmmAction::QueryMigrate);
-    assert_eq!(
-        text(parse("info migrate -x")),
-        "migrate: unsupported option -x\r\nTry \"help info migrate\" for more information\r\n"
-    );
-    let help = text(parse("info"));
-    assert!(
-        help.contains("info migrate [-a] -- show migration status (-a: all, dump all status)\r\n")
-    );
-    assert!(help.contains("info migrate_capabilities  -- show current migration capabilities"));
-}
-
-#[test]
-fn info_migrate_text_follows_qemu() {
-    use crate::action::{MigrationInfo, MigrationStatus, RamStats};
-    assert_eq!(migrate_text(&MigrationInfo::default()), "");
-    let failed = MigrationInfo {
-        status: MigrationStatus::Failed,
-        error_desc: Some("No space left on device".into()),
-        ..MigrationInfo::default()
-    };
-    assert_eq!(
-        migrate_text(&failed),
-        "Status: \t\tfailed (No space left on device)\n"
-    );
-    let done = MigrationInfo {
-        status: MigrationStatus::Completed,
-        total_time_ms: Some(1523),
-        setup_time_ms: Some(3),
-        downtime_ms: Some(1520),
-        ram: Some(RamStats {
-            transferred: 139_264_000,
-            remaining: 0,
-            total: 268_435_456,
-            duplicate: 31_540,
-            normal: 33_996,
-            normal_bytes: 139_247_616,
-            mbps: 731.5432,
-            pages_per_second: 22_365,
-        }),
-        error_desc: None,
-    };
-    assert_eq!(
-        migrate_text(&done),
-        "Status: \t\tcompleted\n\
-         Time (ms): \t\ttotal=1523, setup=3, down=1520\n\
-         RAM info:\n\
-         \x20 Throughput (Mbps): \t731.54\n\
-         \x20 Sizes: \t\tpagesize=4 KiB, total=256 MiB\n\
-         \x20 Transfers: \t\ttransferred=133 MiB, remain=0 B\n\
-         \x20   Channels: \t\tprecopy=0 B, multifd=0 B, postcopy=0 B\n\
-         \x20   Page Types: \tnormal=33996, zero=31540\n\
-         \x20 Page Rates (pps): \ttransfer=22365\n\
-         \x20 Others: \t\tdirty_syncs=1, downtime_bytes=139264000\n"
-    );
-    let caps = info_reply(
-        InfoKind::MigrateCapabilities,
-        Ok(VmmResponse::MigrationCapabilities(vec![
-            crate::action::MigrationCapabilityState {
-                capability: crate::action::MigrationCapability::Events,
-                state: true,
-            },
-        ])),
-        0,
-    )
-    .unwrap();
-    assert!(caps.starts_with("xbzrle: off\r\nrdma-pin-all: off\r\n"));
-    assert!(caps.contains("\r\nevents: on\r\n"));
-    assert!(caps.ends_with("mapped-ram: off\r\n"));
-    assert!(info_reply(InfoKind::Migrate, Ok(VmmResponse::Done), 0).is_err());
-}
-
-#[test]
-fn sizes_print_like_qemu() {
-    assert_eq!(size_to_str(0), "0 B");
-    assert_eq!(size_to_str(999), "999 B");
-    assert_eq!(size_to_str(1000), "0.977 KiB");
-    assert_eq!(size_to_str(1024), "1 KiB");
-    assert_eq!(size_to_str(4096), "4 KiB");
-    assert_eq!(size_to_str(1536), "1.5 KiB");
-    assert_eq!(size_to_str(268_435_456), "256 MiB");
-    assert_eq!(size_to_str(1_023_487), "999 KiB");
-    assert_eq!(size_to_str(1_048_000), "0.999 MiB");
-    assert_eq!(size_to_str(u64::MAX), "16 EiB");
-    assert_eq!(fmt_g3(999.6), "1e+03");
-    assert_eq!(fmt_g3(0.000_123_4), "0.000123");
-    assert_eq!(fmt_g3(12.34), "12.3");
-}
-
-#[test]
 fn info_status_and_cpus_text() {
     assert_eq!(
         info_text(InfoKind::Status, &vm(VmState::Running), 0),
@@ -327,5 +146,49 @@ fn action_errors_are_printed_noops_are_silent() {
     assert_eq!(
         action_text(&restore, Err(refused()), true),
         "Error: The incoming migration has already been started\r\n"
+    );
+}
+
+#[test]
+fn help_lists_the_commands_as_qemu_does() {
+    let all = text(parse("help"));
+    assert_eq!(text(parse("?")), all);
+    assert!(all.starts_with("balloon target -- request VM to change its memory allocation"));
+    for line in [
+        "migrate [-d] [-r] uri -- migrate to URI (using -d to not wait for completion)\r\n\
+         \t\t\t -r to resume a paused postcopy migration\r\n",
+        "migrate_cancel  -- cancel the current VM migration\r\n",
+        "migrate_incoming uri -- Continue an incoming migration from an -incoming defer\r\n",
+        "migrate_set_capability capability state -- Enable/Disable the usage of a capability \
+         for migration\r\n",
+        "migrate_set_parameter parameter value -- Set the parameter for migration\r\n",
+        "stop|s  -- stop emulation\r\n",
+        "help|? [cmd] -- show the help\r\n",
+    ] {
+        assert!(all.contains(line), "{line:?}");
+    }
+    // Sorted by name, as QEMU sorts its table.
+    let names: Vec<&str> = all
+        .lines()
+        .filter(|l| !l.starts_with('\t'))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+    assert_eq!(
+        text(parse("help migrate_cancel")),
+        "migrate_cancel  -- cancel the current VM migration\r\n"
+    );
+    assert_eq!(text(parse("help s")), "stop|s  -- stop emulation\r\n");
+    assert!(text(parse("help info")).contains("info migrate_parameters"));
+    assert_eq!(
+        text(parse("help info migrate_parameters")),
+        "info migrate_parameters  -- show current migration parameters\r\n"
+    );
+    assert_eq!(text(parse("help frob")), "unknown command: 'frob'\r\n");
+    assert_eq!(
+        text(parse("help info frob")),
+        "unknown command: 'info frob'\r\n"
     );
 }

@@ -20,7 +20,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use vm_memory::GuestMemoryMmap;
+use virtio::GuestMemoryMmap;
 
 /// The first bytes of every state stream. The high-bit byte and the CR LF / ^Z / LF catch
 /// transfers that mangle binary data, as PNG's signature does.
@@ -30,19 +30,21 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Guest pages as the stream stores them.
 pub const PAGE_SIZE: u64 = 4096;
 /// The largest `CONF`, `STAT`, `MEMD` or `PAD_` payload accepted (allocation bound).
-const MAX_META_LEN: u64 = 64 << 20;
+pub(crate) const MAX_META_LEN: u64 = 64 << 20;
 /// At most this many memory regions.
 const MAX_REGIONS: u32 = 64;
 const HEADER_LEN: u64 = 24;
+/// Header flag of a live migration stream (`docs/state-format.md`, "Live migration").
+pub(crate) const FLAG_LIVE: u32 = 1;
 /// The `END_` payload: how many sections precede it.
 const SECTIONS_BEFORE_END: u32 = 5;
 
-const TAG_CONF: [u8; 4] = *b"CONF";
-const TAG_STAT: [u8; 4] = *b"STAT";
-const TAG_MEMD: [u8; 4] = *b"MEMD";
+pub(crate) const TAG_CONF: [u8; 4] = *b"CONF";
+pub(crate) const TAG_STAT: [u8; 4] = *b"STAT";
+pub(crate) const TAG_MEMD: [u8; 4] = *b"MEMD";
 const TAG_PAD: [u8; 4] = *b"PAD_";
 const TAG_MEMP: [u8; 4] = *b"MEMP";
-const TAG_END: [u8; 4] = *b"END_";
+pub(crate) const TAG_END: [u8; 4] = *b"END_";
 
 /// Why a stream could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +124,11 @@ pub struct MemStats {
     pub data_pages: u64,
 }
 
-fn crc(data: &[u8]) -> u32 {
+pub(crate) fn crc(data: &[u8]) -> u32 {
     crc32fast::hash(data)
 }
 
-fn section_header(tag: [u8; 4], len: u64, crc: u32) -> [u8; 16] {
+pub(crate) fn section_header(tag: [u8; 4], len: u64, crc: u32) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[..4].copy_from_slice(&tag);
     h[4..12].copy_from_slice(&len.to_le_bytes());
@@ -134,7 +136,7 @@ fn section_header(tag: [u8; 4], len: u64, crc: u32) -> [u8; 16] {
     h
 }
 
-fn write_section<W: Write>(w: &mut W, tag: [u8; 4], payload: &[u8]) -> io::Result<()> {
+pub(crate) fn write_section<W: Write>(w: &mut W, tag: [u8; 4], payload: &[u8]) -> io::Result<()> {
     w.write_all(&section_header(tag, payload.len() as u64, crc(payload)))?;
     w.write_all(payload)
 }
@@ -161,12 +163,61 @@ fn region_slices(mem: &GuestMemoryMmap) -> Vec<(MemRegion, &[u8])> {
         .collect()
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// The `MEMD` payload: region count, page size, each region's start and length, the crc of the
+/// page data (0 in a live stream, whose pages are checked section by section).
+pub(crate) fn encode_memd(regions: &[MemRegion], data_crc: u32) -> Vec<u8> {
+    let mut memd = Vec::with_capacity(12 + regions.len() * 16);
+    memd.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    memd.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    for r in regions {
+        memd.extend_from_slice(&r.gpa.to_le_bytes());
+        memd.extend_from_slice(&r.len.to_le_bytes());
+    }
+    memd.extend_from_slice(&data_crc.to_le_bytes());
+    memd
+}
+
+/// Whether a page is all zeros.
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
         unsafe { page.align_to::<u64>() }
     };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// The stream header with `flags` (0 for a state file, [`FLAG_LIVE`] for a live migration).
+pub(crate) fn header(flags: u32) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_LEN as usize);
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&flags.to_le_bytes());
+    let hcrc = crc(&header);
+    header.extend_from_slice(&hcrc.to_le_bytes());
+    header
+}
+
+/// Reads and checks a stream header; returns its flags.
+pub(crate) fn read_header<R: Read>(r: &mut R) -> Result<u32, FormatError> {
+    let mut h = [0u8; HEADER_LEN as usize];
+    read_exact(r, &mut h[..MAGIC.len()], "the header")?;
+    if h[..MAGIC.len()] != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    read_exact(r, &mut h[MAGIC.len()..], "the header")?;
+    let version = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let flags = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    let hcrc = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+    if crc(&h[..20]) != hcrc {
+        return Err(FormatError::Checksum("header".into()));
+    }
+    if version > FORMAT_VERSION {
+        return Err(FormatError::NewerVersion { found: version });
+    }
+    if version == 0 {
+        return Err(FormatError::Malformed(format!("version {version}")));
+    }
+    Ok(flags)
 }
 
 /// Writes a whole stream: configuration, state and guest RAM. Pages of zeros are skipped by
@@ -177,13 +228,7 @@ pub fn write_stream<W: Write + Seek>(
     state: &[u8],
     mem: &GuestMemoryMmap,
 ) -> Result<MemStats, FormatError> {
-    let mut header = Vec::with_capacity(HEADER_LEN as usize);
-    header.extend_from_slice(&MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    let hcrc = crc(&header);
-    header.extend_from_slice(&hcrc.to_le_bytes());
-    w.write_all(&header)?;
+    w.write_all(&header(0))?;
     write_section(w, TAG_CONF, config)?;
     write_section(w, TAG_STAT, state)?;
 
@@ -195,15 +240,8 @@ pub fn write_stream<W: Write + Seek>(
         data_crc.update(bytes);
     }
     let data_crc = data_crc.finalize();
-    let mut memd = Vec::new();
-    memd.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-    memd.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-    for (r, _) in &regions {
-        memd.extend_from_slice(&r.gpa.to_le_bytes());
-        memd.extend_from_slice(&r.len.to_le_bytes());
-    }
-    memd.extend_from_slice(&data_crc.to_le_bytes());
-    write_section(w, TAG_MEMD, &memd)?;
+    let layout: Vec<MemRegion> = regions.iter().map(|(r, _)| *r).collect();
+    write_section(w, TAG_MEMD, &encode_memd(&layout, data_crc))?;
 
     // PAD_ so that MEMP's payload starts on a page boundary.
     let here = w.stream_position()?;
@@ -249,21 +287,25 @@ pub fn write_stream<W: Write + Seek>(
     Ok(stats)
 }
 
-fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> Result<(), FormatError> {
+pub(crate) fn read_exact<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), FormatError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => FormatError::Truncated(what.to_string()),
         _ => FormatError::Io(e),
     })
 }
 
-fn tag_name(tag: [u8; 4]) -> String {
+pub(crate) fn tag_name(tag: [u8; 4]) -> String {
     tag.iter()
         .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
         .collect()
 }
 
 /// Reads a section header and checks it is `want`.
-fn section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<(u64, u32), FormatError> {
+pub(crate) fn section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<(u64, u32), FormatError> {
     let name = tag_name(want);
     let mut h = [0u8; 16];
     read_exact(r, &mut h, &format!("the {name} section header"))?;
@@ -280,7 +322,7 @@ fn section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<(u64, u32), FormatError>
 }
 
 /// Reads a metadata section's payload and checks its crc.
-fn meta_section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<Vec<u8>, FormatError> {
+pub(crate) fn meta_section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<Vec<u8>, FormatError> {
     let name = tag_name(want);
     let (len, want_crc) = section(r, want)?;
     if len > MAX_META_LEN {
@@ -296,7 +338,7 @@ fn meta_section<R: Read>(r: &mut R, want: [u8; 4]) -> Result<Vec<u8>, FormatErro
     Ok(payload)
 }
 
-fn parse_memd(p: &[u8]) -> Result<(Vec<MemRegion>, u32), FormatError> {
+pub(crate) fn parse_memd(p: &[u8]) -> Result<(Vec<MemRegion>, u32), FormatError> {
     let bad = |m: &str| FormatError::Malformed(format!("memory layout: {m}"));
     let u32_at = |o: usize| -> Result<u32, FormatError> {
         p.get(o..o + 4)
@@ -364,25 +406,14 @@ pub fn parse<R: Read + Seek>(r: &mut R, len: u64) -> Result<Parsed, FormatError>
 
 /// Reads the header and the sections up to the start of the page data.
 pub fn parse_metadata<R: Read>(r: &mut R) -> Result<(Vec<u8>, Vec<u8>, MemoryLayout), FormatError> {
-    let mut h = [0u8; HEADER_LEN as usize];
-    read_exact(r, &mut h[..MAGIC.len()], "the header")?;
-    if h[..MAGIC.len()] != MAGIC {
-        return Err(FormatError::BadMagic);
+    let flags = read_header(r)?;
+    if flags == FLAG_LIVE {
+        return Err(FormatError::Malformed(
+            "this is a live migration stream, not a state file".into(),
+        ));
     }
-    read_exact(r, &mut h[MAGIC.len()..], "the header")?;
-    let version = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-    let flags = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-    let hcrc = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-    if crc(&h[..20]) != hcrc {
-        return Err(FormatError::Checksum("header".into()));
-    }
-    if version > FORMAT_VERSION {
-        return Err(FormatError::NewerVersion { found: version });
-    }
-    if version == 0 || flags != 0 {
-        return Err(FormatError::Malformed(format!(
-            "version {version}, flags {flags:#x}"
-        )));
+    if flags != 0 {
+        return Err(FormatError::Malformed(format!("flags {flags:#x}")));
     }
     let config = meta_section(r, TAG_CONF)?;
     let state = meta_section(r, TAG_STAT)?;
