@@ -10,9 +10,11 @@ pub mod balloon;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod human;
 pub mod metrics;
 pub mod qmp;
 pub mod server;
+pub mod snapshots;
 
 pub use action::{
     ActionError, AgentInfo, AgentVerb, GuestShutdownMode, MigrationAddress, MigrationCapability,
@@ -25,3 +27,4 @@ pub use config::{
     MachineConfig, MetricsConfig, NetConfig, OnReboot, QmpEndpoint, SerialConfig, VmConfig,
     MAX_VCPUS, MIN_MEMORY_MIB,
 };
+pub use snapshots::{DiskSnapshots, VmSnapshotInfo, VmSnapshotRequest};

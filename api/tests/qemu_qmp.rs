@@ -125,3 +125,85 @@ fn qemu_qmp_library_drives_the_lifecycle() {
     assert!(status.success(), "qemu.qmp script failed: {status}");
     assert_eq!(last.as_deref(), Some("OK"));
 }
+
+const JOBS_SCRIPT: &str = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient, ExecuteError
+
+async def main(host, port):
+    qmp = QMPClient('api-test-jobs')
+    await qmp.connect((host, port))
+    with qmp.listener() as events:
+        args = {'job-id': 'save0', 'tag': 's1', 'vmstate': 'disk0', 'devices': ['disk0', 'disk1']}
+        assert await qmp.execute('snapshot-save', args) == {}
+        seen = []
+        while not seen or seen[-1] != 'JOB_STATUS_CHANGE concluded':
+            ev = await asyncio.wait_for(events.get(), 5)
+            name = ev['event']
+            if name == 'JOB_STATUS_CHANGE':
+                assert ev['data']['id'] == 'save0', ev
+                name += ' ' + ev['data']['status']
+            seen.append(name)
+        want = ['JOB_STATUS_CHANGE created', 'JOB_STATUS_CHANGE running', 'STOP', 'RESUME',
+                'JOB_STATUS_CHANGE waiting', 'JOB_STATUS_CHANGE pending',
+                'JOB_STATUS_CHANGE concluded']
+        assert seen == want, seen
+        jobs = await qmp.execute('query-jobs')
+        assert jobs == [{'id': 'save0', 'type': 'snapshot-save', 'status': 'concluded',
+                         'current-progress': 1, 'total-progress': 1}], jobs
+        try:
+            await qmp.execute('snapshot-save', args)
+            raise AssertionError('no error')
+        except ExecuteError as e:
+            assert str(e) == "Job ID 'save0' already in use", e
+        assert await qmp.execute('job-dismiss', {'id': 'save0'}) == {}
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev['data'] == {'id': 'save0', 'status': 'null'}, ev
+        try:
+            await qmp.execute('job-dismiss', {'id': 'save0'})
+            raise AssertionError('no error')
+        except ExecuteError as e:
+            assert str(e) == 'Job not found', e
+        out = await qmp.execute('human-monitor-command', {'command-line': 'info snapshots'})
+        assert out.startswith('List of snapshots present on all disks:\r\n'), repr(out)
+    await qmp.disconnect()
+    print('OK', flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"#;
+
+#[test]
+fn qemu_qmp_library_follows_a_snapshot_job() {
+    let has_lib = Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_lib {
+        eprintln!("skipped: python3 with qemu.qmp not available (pip install qemu.qmp)");
+        return;
+    }
+    let (vmm, handle) = FakeVmm::start();
+    let server = QmpServer::start(
+        &[QmpEndpoint::Tcp("127.0.0.1:0".into())],
+        handle,
+        vmm.events(),
+    )
+    .unwrap();
+    let addr = server.tcp_addrs()[0];
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            JOBS_SCRIPT,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu.qmp script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+}

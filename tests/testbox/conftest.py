@@ -25,9 +25,11 @@ import box as tb  # noqa: E402
 @pytest.fixture(scope="session")
 def box():
     # e2fsck and debugfs let disk scenarios check, from L1, what the guest left in its images;
-    # mke2fs makes them; socat joins a channel's unix socket in L1 to a forwarded TCP port.
+    # mke2fs makes them; socat joins a channel's unix socket in L1 to a forwarded TCP port;
+    # qemu-img lists and checks what savevm left in a qcow2 image.
     b = tb.Box(with_qemu=True, extra_bins=["/usr/sbin/e2fsck", "/usr/sbin/debugfs",
-                                           "/usr/sbin/mke2fs", "/usr/bin/socat"])
+                                           "/usr/sbin/mke2fs", "/usr/bin/socat",
+                                           "/usr/bin/qemu-img"])
     b.start()
     yield b
     b.close()

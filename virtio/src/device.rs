@@ -241,6 +241,11 @@ pub trait VirtioDevice: Send {
     fn take_back_storage(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// The disk image a block device serves (savevm keeps snapshots in it); `None` for
+    /// every other device.
+    fn disk(&mut self) -> Option<&mut dyn devices::block::DiskImage> {
+        None
+    }
     /// Starts (`Some`) or stops the log of the guest pages written by something that neither
     /// KVM nor `vm-memory` sees (vhost's kernel workers), for a live migration. Devices whose
     /// writes all go through `vm-memory` have nothing to do.

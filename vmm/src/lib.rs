@@ -262,11 +262,32 @@ fn run_vm(
     mut restore: Option<Box<Loaded>>,
 ) -> Result<(), VmmError> {
     let cfg = shared.config.clone();
+    // A live migration's source waits for our answer: a host backend that cannot be opened
+    // here (a tap in use, a socket path taken) is a refusal it hears about, and it keeps the VM.
+    let refuse = |restore: &mut Option<Box<Loaded>>, e: &VmmError| {
+        if let Some(peer) = restore.as_mut().and_then(|l| l.peer.take()) {
+            peer.refuse(&e.to_string());
+        }
+    };
     // The taps live as long as the VMM: every incarnation's NICs use them.
-    let nets = net::NetBackends::open(&cfg)?;
+    let nets = match net::NetBackends::open(&cfg) {
+        Ok(n) => n,
+        Err(e) => {
+            let e = e.into();
+            refuse(&mut restore, &e);
+            return Err(e);
+        }
+    };
     // The console's and the channels' sockets too: a client stays connected across reboots.
     let consoles =
-        vconsole::ConsoleBackends::open(&cfg, shared.signal.clone(), shared.bus.clone())?;
+        match vconsole::ConsoleBackends::open(&cfg, shared.signal.clone(), shared.bus.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                let e = e.into();
+                refuse(&mut restore, &e);
+                return Err(e);
+            }
+        };
     // The balloon's target and statistics outlive resets, as QEMU's do.
     let balloon = match cfg.balloon {
         Some(b) => {
@@ -314,6 +335,7 @@ fn run_vm(
             disk_stats: &disk_stats,
             balloon: balloon.as_ref().map(|(s, o)| (s, *o)),
         };
+        let build_started = std::time::Instant::now();
         let built = build_vm(
             hv,
             cpuid,
@@ -324,6 +346,10 @@ fn run_vm(
         );
         let running = match (built, peer) {
             (Ok(running), Some(peer)) => {
+                log::info!(
+                    "migration: the VM was built in {:?}",
+                    build_started.elapsed()
+                );
                 if let Err(e) = peer.confirm() {
                     // The VM is whole here and the source has let go of its disks: this is
                     // the VM now.
@@ -354,6 +380,10 @@ fn run_vm(
             }
         };
         match outcome {
+            Outcome::Load(loaded) => {
+                // `loadvm`: the next incarnation is the saved VM (the run state was set).
+                restore = Some(loaded);
+            }
             Outcome::Reset(cause)
                 if cause != ShutdownCause::GuestReset || cfg.on_reboot == OnReboot::Restart =>
             {

@@ -31,17 +31,29 @@ use crate::vcpu::VcpuExitReason;
 use crate::{lock, VmmError, VCPU_STOP_TIMEOUT};
 
 mod migrate;
+mod savevm;
 
 /// How long a pause request waits for the vCPUs to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How one VM incarnation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The VM must go away and the process exit.
     Shutdown(ShutdownCause),
     /// The VM must be reset (rebuilt), or exit if the guest asked and on_reboot says so.
     Reset(ShutdownCause),
+    /// The VM must be rebuilt from this state (`loadvm`): its disks were reverted already.
+    Load(Box<crate::snapshot::Loaded>),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Shutdown(c) => write!(f, "Shutdown({c:?})"),
+            Outcome::Reset(c) => write!(f, "Reset({c:?})"),
+            Outcome::Load(_) => f.write_str("Load"),
+        }
+    }
 }
 
 /// Process-wide state the incarnations share.
@@ -455,6 +467,24 @@ impl Control {
                 self.start_migration(to).map_err(failed)?;
             }
             VmmAction::MigrateCancel => self.cancel_migration(),
+            VmmAction::SaveVm(req) => {
+                self.refuse_during_migration()?;
+                self.savevm(req, state)
+                    .map_err(|e| e.into_action_error(action.name()))?;
+            }
+            VmmAction::LoadVm(req) => {
+                self.refuse_during_migration()?;
+                self.loadvm(req, state)
+                    .map_err(|e| e.into_action_error(action.name()))?;
+            }
+            VmmAction::DelVm(req) => {
+                self.refuse_during_migration()?;
+                self.delvm(req)
+                    .map_err(|e| e.into_action_error(action.name()))?;
+            }
+            VmmAction::ListVmSnapshots => {
+                return Ok(VmmResponse::VmSnapshots(self.list_snapshots()));
+            }
             VmmAction::QueryMigrate
             | VmmAction::SetMigrationCapabilities(_)
             | VmmAction::GetMigrationCapabilities

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::balloon;
 use super::events::event_json;
 use super::hmp::{self, HmpCommand};
+use super::jobs::{self, Jobs};
 use super::migration::{self, params};
 use crate::action::{ActionError, VersionInfo, VmInfo, VmState, VmmAction};
 use crate::controller::{Reply, TimedEvent};
@@ -161,6 +162,29 @@ pub(crate) enum Step {
     Answer(Value),
     /// Run this action; its reply goes to [`Monitor::reply`].
     Submit(VmmAction),
+    /// Send `events` to this client and every other one (this client gets them before
+    /// `answer`, as QEMU emits a command's events before its return), then `answer`. With a
+    /// `job`, run its action for nobody in particular: the reply concludes the job
+    /// ([`jobs::snapshot::conclude`]), even if this client has gone by then.
+    Announce {
+        /// JOB_STATUS_CHANGE events.
+        events: Vec<Value>,
+        /// The command's response.
+        answer: Value,
+        /// The job's id and the action doing its work.
+        job: Option<(String, VmmAction)>,
+    },
+}
+
+/// How the monitor goes on with a command (see [`Step`]).
+enum Dispatch {
+    Answer(Value),
+    Submit(VmmAction, Then),
+    Announce {
+        events: Vec<Value>,
+        answer: Value,
+        job: Option<(String, VmmAction)>,
+    },
 }
 
 /// How a submitted action's reply completes the request.
@@ -194,9 +218,24 @@ pub(crate) struct Monitor {
     pending: Option<(Option<Value>, Then)>,
     /// A restore went through already (QEMU allows one `migrate-incoming`).
     restore_started: bool,
+    /// The server's job list, shared with its other clients.
+    jobs: Jobs,
 }
 
 impl Monitor {
+    /// A monitor for a client of the server whose job list is `jobs`.
+    pub(crate) fn with_jobs(jobs: Jobs) -> Monitor {
+        Monitor {
+            jobs,
+            ..Monitor::default()
+        }
+    }
+
+    /// The job list (for concluding a job when its action's reply arrives).
+    pub(crate) fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
     /// Tells the monitor whether a restore went through already (the door knows, through the
     /// controller); used to word a refused `migrate-incoming` as QEMU does.
     pub(crate) fn set_restore_started(&mut self, started: bool) {
@@ -209,8 +248,7 @@ impl Monitor {
     }
 
     /// Whether events are delivered (after `qmp_capabilities`).
-    #[cfg(test)]
-    pub(crate) fn negotiated(&self) -> bool {
+    pub(crate) fn gets_events(&self) -> bool {
         self.negotiated
     }
 
@@ -221,11 +259,20 @@ impl Monitor {
         };
         let id = obj.get("id").cloned();
         match self.dispatch(&obj) {
-            Ok(Ok(v)) => Step::Answer(response(id, Ok(v))),
-            Ok(Err((action, then))) => {
+            Ok(Dispatch::Answer(v)) => Step::Answer(response(id, Ok(v))),
+            Ok(Dispatch::Submit(action, then)) => {
                 self.pending = Some((id, then));
                 Step::Submit(action)
             }
+            Ok(Dispatch::Announce {
+                events,
+                answer,
+                job,
+            }) => Step::Announce {
+                events,
+                answer: response(id, Ok(answer)),
+                job,
+            },
             Err(mut e) => {
                 if !self.negotiated && e.class == ErrorClass::CommandNotFound {
                     e.desc = "Expecting capabilities negotiation with 'qmp_capabilities'".into();
@@ -331,12 +378,8 @@ impl Monitor {
         self.negotiated.then(|| event_json(ev))
     }
 
-    /// `Ok(Ok(answer))`, `Ok(Err(action to run))` or a command error.
-    #[allow(clippy::type_complexity)]
-    fn dispatch(
-        &mut self,
-        obj: &Map<String, Value>,
-    ) -> Result<Result<Value, (VmmAction, Then)>, CommandError> {
+    /// How the request goes on, or a command error.
+    fn dispatch(&mut self, obj: &Map<String, Value>) -> Result<Dispatch, CommandError> {
         let mut command = None;
         let mut args = None;
         for (key, value) in obj {
@@ -380,6 +423,39 @@ impl Monitor {
         let empty = Map::new();
         let args = args.unwrap_or(&empty);
         validate(schema, args)?;
+        if let Some((kind, id, action)) = jobs::snapshot::job(command, args) {
+            let events = self.jobs.start(&id, kind)?;
+            return Ok(Dispatch::Announce {
+                events,
+                answer: json!({}),
+                job: Some((id, action)),
+            });
+        }
+        match command {
+            "query-jobs" => return Ok(Dispatch::Answer(self.jobs.query())),
+            "job-dismiss" => {
+                let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+                return Ok(Dispatch::Announce {
+                    events: self.jobs.dismiss(id)?,
+                    answer: json!({}),
+                    job: None,
+                });
+            }
+            _ => {}
+        }
+        Ok(match self.command(command, args)? {
+            Ok(v) => Dispatch::Answer(v),
+            Err((action, then)) => Dispatch::Submit(action, then),
+        })
+    }
+
+    /// The commands answered at once or with one action: `Ok(answer)` or `Err(action to run)`.
+    #[allow(clippy::type_complexity)]
+    fn command(
+        &mut self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> Result<Result<Value, (VmmAction, Then)>, CommandError> {
         let submit = |a: VmmAction, then: Then| Ok(Err((a, then)));
         match command {
             "qmp_capabilities" => self.capabilities(args).map(Ok),

@@ -1,8 +1,10 @@
 //! The VM's events as QMP events (qapi/run-state.json): STOP, RESUME, POWERDOWN, and RESET /
 //! SHUTDOWN with `guest` and `reason` (QEMU's `ShutdownCause` names); MIGRATION with `status` and
-//! MIGRATION_PASS with `pass` (qapi/migration.json); VSERPORT_CHANGE with `id` and `open` (qapi/char.json); stamped with the time the VMM published them.
+//! MIGRATION_PASS with `pass` (qapi/migration.json); VSERPORT_CHANGE with `id` and `open`
+//! (qapi/char.json); stamped with the time the VMM published them. [`qmp_event`] builds the
+//! monitor's own events too (the jobs' JOB_STATUS_CHANGE).
 
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
@@ -28,7 +30,12 @@ pub(crate) fn event_json(ev: &TimedEvent) -> Value {
         }
         VmEvent::BalloonChange { actual } => ("BALLOON_CHANGE", Some(json!({ "actual": actual }))),
     };
-    let (seconds, microseconds) = match ev.at.duration_since(UNIX_EPOCH) {
+    qmp_event(name, data, ev.at)
+}
+
+/// A QMP event: `event`, `data` if any, and the `timestamp` of `at`.
+pub(crate) fn qmp_event(name: &str, data: Option<Value>, at: SystemTime) -> Value {
+    let (seconds, microseconds) = match at.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_micros())),
         Err(_) => (-1, -1),
     };

@@ -3,13 +3,16 @@
 //!
 //! Each client gets the greeting, stays in capabilities negotiation until `qmp_capabilities`,
 //! then may run commands and receives every VM event. Requests of one client are answered in
-//! order, one at a time (QEMU without the `oob` capability, which we do not offer).
+//! order, one at a time (QEMU without the `oob` capability, which we do not offer). The
+//! server's background jobs (`jobs`: the whole-VM snapshot commands) are shared by all its
+//! clients, and so are their JOB_STATUS_CHANGE events.
 
 mod balloon;
 mod commands;
 mod events;
 mod framing;
 mod hmp;
+mod jobs;
 mod migration;
 
 use std::net::SocketAddr;
@@ -18,9 +21,10 @@ pub use commands::{command_names, CommandError, ErrorClass};
 
 use crate::config::QmpEndpoint;
 use crate::controller::{ControllerHandle, EventReceiver, Reply, TimedEvent};
-use crate::server::{self, Ctx, DoorThread, Flow, Limits, Protocol, ServerError, Session};
+use crate::server::{self, Ctx, DoorThread, Flow, Limits, Notice, Protocol, ServerError, Session};
 use commands::{Monitor, Step};
 use framing::{write_line, Frame, JsonFramer};
+use jobs::Jobs;
 
 /// A running QMP monitor. Dropping it is the same as [`QmpServer::shutdown`].
 pub struct QmpServer {
@@ -61,7 +65,10 @@ impl QmpServer {
                 }
             }
         }
-        let thread = server::spawn(Qmp, listeners, controller, Some(events), limits)?;
+        let qmp = Qmp {
+            jobs: Jobs::default(),
+        };
+        let thread = server::spawn(qmp, listeners, controller, Some(events), limits)?;
         Ok(QmpServer { thread, tcp_addrs })
     }
 
@@ -78,7 +85,10 @@ impl QmpServer {
     }
 }
 
-struct Qmp;
+/// The QMP protocol, with the server's job list.
+struct Qmp {
+    jobs: Jobs,
+}
 
 impl Protocol for Qmp {
     type S = QmpSession;
@@ -86,7 +96,10 @@ impl Protocol for Qmp {
 
     fn open(&self, out: &mut Vec<u8>) -> QmpSession {
         write_line(out, &commands::greeting());
-        QmpSession::default()
+        QmpSession {
+            framer: JsonFramer::default(),
+            monitor: Monitor::with_jobs(self.jobs.clone()),
+        }
     }
 
     fn refusal(&self, max_clients: usize) -> Vec<u8> {
@@ -102,7 +115,6 @@ impl Protocol for Qmp {
 }
 
 /// One QMP client: the input framer and the monitor state.
-#[derive(Default)]
 struct QmpSession {
     framer: JsonFramer,
     monitor: Monitor,
@@ -113,6 +125,24 @@ impl QmpSession {
         match step {
             Step::Answer(v) => write_line(out, &v),
             Step::Submit(action) => ctx.submit(action),
+            Step::Announce {
+                events,
+                answer,
+                job,
+            } => {
+                for e in &events {
+                    write_line(out, e);
+                }
+                ctx.broadcast(events);
+                write_line(out, &answer);
+                if let Some((id, action)) = job {
+                    let jobs = self.monitor.jobs().clone();
+                    ctx.submit_detached(
+                        action,
+                        Box::new(move |reply| jobs::snapshot::conclude(&jobs, &id, reply)),
+                    );
+                }
+            }
         }
     }
 }
@@ -142,6 +172,12 @@ impl Session for QmpSession {
     fn on_event(&mut self, event: &TimedEvent, out: &mut Vec<u8>) {
         if let Some(v) = self.monitor.event(event) {
             write_line(out, &v);
+        }
+    }
+
+    fn on_notice(&mut self, notice: &Notice, out: &mut Vec<u8>) {
+        if self.monitor.gets_events() {
+            write_line(out, notice);
         }
     }
 

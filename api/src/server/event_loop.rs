@@ -4,7 +4,9 @@
 //!
 //! Replies and events reach the door through one queue, in the order the VMM thread produced
 //! them: the reply callback (which runs on the VMM thread) first moves any event already
-//! published into the queue, then its reply.
+//! published into the queue, then its reply. The same queue carries the door's own notices
+//! (QMP's job events) to its other clients, and the replies to actions submitted for no client
+//! in particular ([`Ctx::submit_detached`]), which the door turns into notices for all.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -32,10 +34,25 @@ const TICK_MS: i32 = 200;
 /// How long accepting pauses after an accept error such as EMFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Something for the door from the VMM thread.
+/// Something a door tells every one of its clients on its own, not a VM event (QMP's job
+/// events); each session decides whether and how to send it ([`Session::on_notice`]).
+pub(crate) type Notice = serde_json::Value;
+
+/// Runs on the door thread with the reply to an action no client waits for
+/// ([`Ctx::submit_detached`]); the notices it returns go to every client.
+pub(crate) type DetachedFn = Box<dyn FnOnce(Reply) -> Vec<Notice> + Send>;
+
+/// Something for the door from the VMM thread (or from one of its own sessions).
 enum Incoming {
     Reply(u64, Reply),
     Event(TimedEvent),
+    /// Notices for every client but `from`, which has sent them already.
+    Notices {
+        from: u64,
+        notices: Vec<Notice>,
+    },
+    /// The reply to a detached action, and what to make of it.
+    Detached(DetachedFn, Reply),
 }
 
 struct InboxState {
@@ -64,12 +81,13 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called on the VMM thread by the reply callback.
-    fn push_reply(&self, client: u64, reply: Reply) {
+    /// Called on the VMM thread by the reply callback (and by sessions for their notices):
+    /// events already published go first, so that the door sees everything in order.
+    fn push(&self, item: Incoming) {
         {
             let mut s = self.lock();
             s.pull_events();
-            s.queue.push_back(Incoming::Reply(client, reply));
+            s.queue.push_back(item);
         }
         // A failed write means the counter is saturated: readable anyway.
         let _ = self.waker.write(1);
@@ -95,8 +113,32 @@ impl Ctx<'_> {
     pub(crate) fn submit(&mut self, action: VmmAction) {
         let inbox = Arc::clone(self.inbox);
         let client = self.client;
-        self.controller
-            .submit(action, Box::new(move |r| inbox.push_reply(client, r)));
+        self.controller.submit(
+            action,
+            Box::new(move |r| inbox.push(Incoming::Reply(client, r))),
+        );
+    }
+
+    /// Submits `action` for no client in particular: the session goes on at once, and `then`
+    /// runs on the door thread with the reply (even if this client has left by then); the
+    /// notices it returns go to every client.
+    pub(crate) fn submit_detached(&mut self, action: VmmAction, then: DetachedFn) {
+        let inbox = Arc::clone(self.inbox);
+        self.controller.submit(
+            action,
+            Box::new(move |r| inbox.push(Incoming::Detached(then, r))),
+        );
+    }
+
+    /// Sends `notices` to every other client of the door (this session has written them to its
+    /// own output already), after whatever the door has queued for them so far.
+    pub(crate) fn broadcast(&mut self, notices: Vec<Notice>) {
+        if !notices.is_empty() {
+            self.inbox.push(Incoming::Notices {
+                from: self.client,
+                notices,
+            });
+        }
     }
 
     /// Whether a restore went through a door already (see
@@ -527,12 +569,32 @@ impl<P: Protocol> Door<P> {
                     }
                     touched_all = true;
                 }
+                Incoming::Notices { from, notices } => {
+                    self.notify(Some(from), &notices);
+                    touched_all = true;
+                }
+                Incoming::Detached(then, reply) => {
+                    let notices = then(reply);
+                    self.notify(None, &notices);
+                    touched_all = true;
+                }
             }
         }
         if touched_all {
             let ids: Vec<u64> = self.clients.keys().copied().collect();
             for id in ids {
                 self.settle(id);
+            }
+        }
+    }
+
+    /// Hands `notices` to every session but `except`'s.
+    fn notify(&mut self, except: Option<u64>, notices: &[Notice]) {
+        for (id, c) in self.clients.iter_mut() {
+            if Some(*id) != except {
+                for n in notices {
+                    c.session.on_notice(n, &mut c.out);
+                }
             }
         }
     }

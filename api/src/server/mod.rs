@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::controller::{Reply, TimedEvent};
 
-pub(crate) use event_loop::{spawn, Ctx, DoorThread};
+pub(crate) use event_loop::{spawn, Ctx, DoorThread, Notice};
 pub(crate) use listener::{bind_tcp, bind_unix};
 
 /// Why a front door could not start. Returned synchronously by `start`, so the VMM can refuse to
@@ -132,6 +132,9 @@ pub(crate) trait Session: Send + 'static {
     fn on_reply(&mut self, reply: Reply, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) -> Flow;
     /// A VM event.
     fn on_event(&mut self, event: &TimedEvent, out: &mut Vec<u8>);
+    /// A notice of the door itself ([`Ctx::broadcast`], [`Ctx::submit_detached`]); ignored
+    /// unless the protocol has any.
+    fn on_notice(&mut self, _notice: &Notice, _out: &mut Vec<u8>) {}
     /// Whether an action is in flight (no further request is handled until it is answered).
     fn busy(&self) -> bool;
     /// `input` reached [`Limits::max_message`] without a complete request: say so in `out`.

@@ -1,7 +1,7 @@
 //! Shared test scaffolding: a fake VMM thread (drains the controller inbox, keeps a `VmState`,
 //! answers, publishes events on an `EventBus` the way the real VMM does; a snapshot writes a
-//! small marker file and a restore reads it back) and small QMP and HTTP clients over real
-//! sockets.
+//! small marker file and a restore reads it back; whole-VM snapshots live in a list per fake
+//! disk, with QEMU's errors) and small QMP and HTTP clients over real sockets.
 
 #![allow(dead_code)]
 
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use api::controller::{action_channel, ControllerHandle, EventBus, EventReceiver};
 use api::{
-    ActionError, MigrationCapability, MigrationCapabilityState, MigrationInfo, MigrationParameters,
-    MigrationStatus, RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmConfig, VmEvent, VmInfo,
-    VmState, VmmAction, VmmResponse,
+    ActionError, DiskSnapshots, MigrationCapability, MigrationCapabilityState, MigrationInfo,
+    MigrationParameters, MigrationStatus, RamStats, ShutdownCause, VcpuInfo, VersionInfo, VmConfig,
+    VmEvent, VmInfo, VmSnapshotInfo, VmSnapshotRequest, VmState, VmmAction, VmmResponse,
 };
 use serde_json::Value;
 
@@ -127,6 +127,7 @@ impl FakeVmm {
         );
         let thread = std::thread::spawn(move || {
             let mut mig = Migration::default();
+            let mut disks = fake_disks();
             while !sp.load(Ordering::Relaxed) {
                 let mut pfd = libc::pollfd {
                     fd: inbox.waker().as_raw_fd(),
@@ -144,7 +145,9 @@ impl FakeVmm {
                     let mut s = st.lock().unwrap();
                     let reply = match s.check(&req.action) {
                         Err(e) => Err(e),
-                        Ok(next) => match migrate(&mut mig, &b, *s, &req.action) {
+                        Ok(next) => match migrate(&mut mig, &b, *s, &req.action)
+                            .or_else(|| savevm(&mut disks, &b, *s, &req.action))
+                        {
                             Some(Err(reason)) => Err(ActionError::Failed {
                                 action: req.action.name(),
                                 reason,
@@ -304,6 +307,135 @@ fn migrate(
                 state: mig.events,
             },
         ])),
+        _ => return None,
+    })
+}
+
+/// The fake's disks that can hold snapshots: two qcow2 disks, `disk0` keeping the VM state.
+pub const FAKE_DISKS: [&str; 2] = ["disk0", "disk1"];
+
+/// The VM state size the fake records for a snapshot.
+pub const FAKE_VM_STATE_SIZE: u64 = 64 << 20;
+
+fn fake_disks() -> Vec<DiskSnapshots> {
+    FAKE_DISKS
+        .iter()
+        .map(|d| DiskSnapshots {
+            disk: d.to_string(),
+            snapshots: Vec::new(),
+        })
+        .collect()
+}
+
+/// The whole-VM snapshot actions, as the real VMM carries them out, in QEMU's order of checks
+/// and with its texts (`None` for the others). The VM stops (STOP) and goes on (RESUME) around
+/// the work of `savevm` and `loadvm`, as under QEMU.
+fn savevm(
+    disks: &mut [DiskSnapshots],
+    bus: &EventBus,
+    state: VmState,
+    action: &VmmAction,
+) -> Option<Result<VmmResponse, String>> {
+    let chosen = |req: &VmSnapshotRequest| -> Result<Vec<usize>, String> {
+        match &req.devices {
+            None => Ok((0..FAKE_DISKS.len()).collect()),
+            Some(list) if list.is_empty() => {
+                Err("At least one device is required for snapshot".into())
+            }
+            Some(list) => list
+                .iter()
+                .map(|d| {
+                    FAKE_DISKS
+                        .iter()
+                        .position(|f| f == d)
+                        .ok_or_else(|| format!("No block device node '{d}'"))
+                })
+                .collect(),
+        }
+    };
+    let vmstate = |req: &VmSnapshotRequest, chosen: &[usize]| -> Result<usize, String> {
+        match &req.vmstate {
+            None => Ok(chosen[0]),
+            Some(v) => chosen
+                .iter()
+                .copied()
+                .find(|i| FAKE_DISKS[*i] == v.as_str())
+                .ok_or_else(|| format!("vmstate block device '{v}' does not exist")),
+        }
+    };
+    let has = |d: &DiskSnapshots, tag: &str| d.snapshots.iter().any(|s| s.tag == tag);
+    let stop_go = |work: &mut dyn FnMut()| {
+        if state == VmState::Running {
+            bus.publish(VmEvent::Stop);
+        }
+        work();
+        if state == VmState::Running {
+            bus.publish(VmEvent::Resume);
+        }
+    };
+    Some(match action {
+        VmmAction::SaveVm(req) => (|| {
+            let which = chosen(req)?;
+            let exists = which.iter().any(|i| has(&disks[*i], &req.tag));
+            if exists && !req.overwrite {
+                return Err(format!(
+                    "Snapshot '{}' already exists in one or more devices",
+                    req.tag
+                ));
+            }
+            let vm = vmstate(req, &which)?;
+            stop_go(&mut || {
+                for i in &which {
+                    let d = &mut disks[*i];
+                    d.snapshots.retain(|s| s.tag != req.tag);
+                    let id = d
+                        .snapshots
+                        .iter()
+                        .filter_map(|s| s.id.parse::<u64>().ok())
+                        .max()
+                        .unwrap_or(0)
+                        + 1;
+                    d.snapshots.push(VmSnapshotInfo {
+                        id: id.to_string(),
+                        tag: req.tag.clone(),
+                        vm_state_size: if *i == vm { FAKE_VM_STATE_SIZE } else { 0 },
+                        date_sec: 1_700_000_000,
+                        date_nsec: 0,
+                        vm_clock_nsec: 1_500_000_000,
+                    });
+                }
+            });
+            Ok(VmmResponse::Done)
+        })(),
+        VmmAction::LoadVm(req) => (|| {
+            let which = chosen(req)?;
+            if !which.iter().all(|i| has(&disks[*i], &req.tag)) {
+                return Err(format!(
+                    "Snapshot '{}' does not exist in one or more devices",
+                    req.tag
+                ));
+            }
+            let vm = vmstate(req, &which)?;
+            let size = disks[vm]
+                .snapshots
+                .iter()
+                .find(|s| s.tag == req.tag)
+                .map_or(0, |s| s.vm_state_size);
+            if size == 0 {
+                return Err(
+                    "This is a disk-only snapshot. Revert to it  offline using qemu-img".into(),
+                );
+            }
+            stop_go(&mut || {});
+            Ok(VmmResponse::Done)
+        })(),
+        VmmAction::DelVm(req) => chosen(req).map(|which| {
+            for i in which {
+                disks[i].snapshots.retain(|s| s.tag != req.tag);
+            }
+            VmmResponse::Done
+        }),
+        VmmAction::ListVmSnapshots => Ok(VmmResponse::VmSnapshots(disks.to_vec())),
         _ => return None,
     })
 }

@@ -95,6 +95,11 @@ pub trait DiskImage: Send {
     fn take_back(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The qcow2 engine under this image, for internal snapshots and the VM-state area
+    /// (savevm); `None` for formats without them.
+    fn as_qcow2(&mut self) -> Option<&mut qcow2::Qcow2Image> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

@@ -262,6 +262,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn disk(&mut self) -> Option<&mut dyn DiskImage> {
+        self.image()
+    }
+
     fn hand_over_storage(&mut self) -> io::Result<()> {
         match self.image() {
             Some(disk) => disk.hand_over().map_err(io::Error::other),

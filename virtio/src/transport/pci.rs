@@ -318,6 +318,11 @@ impl VirtioPciDevice {
         self.device.hand_over_storage()
     }
 
+    /// See [`VirtioDevice::disk`].
+    pub fn disk(&mut self) -> Option<&mut dyn devices::block::DiskImage> {
+        self.device.disk()
+    }
+
     /// See [`VirtioDevice::set_dirty_log`].
     pub fn set_dirty_log(
         &mut self,

@@ -8,6 +8,10 @@
 //! follows it to the end and exits non-zero unless it completed), `migrate-incoming URI`,
 //! `migrate-cancel`, and `migrate-params [--downtime-limit MS] [--max-bandwidth BYTES]`.
 //!
+//! Whole-VM snapshots inside the VM's qcow2 disks ([`savevm`]): `vmm ctl savevm TAG
+//! [--overwrite] [--vmstate ID] [--devices ID,ID]`, `loadvm TAG`, `delvm TAG`, and `snapshots
+//! [--json]`, printed as QEMU's `info snapshots`.
+//!
 //! `vmm ctl --api-socket PATH pause|resume|power-button|reset|shutdown|info|version|migration|
 //! nics`, `vmm ctl --api-socket PATH snapshot|restore FILE`, `vmm ctl --api-socket PATH
 //! set-link ID on|off` and `vmm ctl --api-socket PATH rate-limit ID [--rx-bps N] [--tx-bps N]
@@ -26,6 +30,7 @@ use std::time::Duration;
 
 mod guest;
 mod migrate;
+mod savevm;
 
 /// How long `vmm ctl` waits for the VMM.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,6 +108,51 @@ pub enum CtlCommand {
         /// Where to listen: tcp:HOST:PORT (an empty HOST or 0: every address) or unix:PATH.
         #[arg(value_name = "URI")]
         uri: String,
+    },
+    /// Take a whole-VM snapshot TAG inside the VM's qcow2 disks (QEMU's savevm): the VM state
+    /// into one disk, an internal snapshot of every writable disk. The VM goes on afterwards.
+    Savevm {
+        /// The snapshot's name.
+        #[arg(value_name = "TAG")]
+        tag: String,
+        /// Replace a snapshot of that name (as QEMU's HMP savevm does); without it, an
+        /// existing one is an error (as QMP's snapshot-save).
+        #[arg(long)]
+        overwrite: bool,
+        /// The disk (its id) that keeps the VM state; the first writable qcow2 disk by default.
+        #[arg(long, value_name = "ID")]
+        vmstate: Option<String>,
+        /// The disks (their ids, comma-separated) to snapshot; every writable disk by default.
+        #[arg(long, value_name = "ID,ID", value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+    },
+    /// Go back to the whole-VM snapshot TAG (QEMU's loadvm): every disk reverts to it and the
+    /// VM continues from its state.
+    Loadvm {
+        /// The snapshot's name.
+        #[arg(value_name = "TAG")]
+        tag: String,
+        /// The disk (its id) that keeps the VM state; the first writable qcow2 disk by default.
+        #[arg(long, value_name = "ID")]
+        vmstate: Option<String>,
+        /// The disks (their ids, comma-separated) to revert; every writable disk by default.
+        #[arg(long, value_name = "ID,ID", value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+    },
+    /// Delete the whole-VM snapshot TAG from the disks (QEMU's delvm).
+    Delvm {
+        /// The snapshot's name.
+        #[arg(value_name = "TAG")]
+        tag: String,
+        /// The disks (their ids, comma-separated); every writable disk by default.
+        #[arg(long, value_name = "ID,ID", value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+    },
+    /// List the internal snapshots of the VM's disks, as QEMU's `info snapshots` does.
+    Snapshots {
+        /// Print the JSON answer (every disk and its snapshots) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List the network cards (like `virsh domiflist`), with link state and counters.
     Nics,
@@ -221,6 +271,10 @@ impl CtlCommand {
             } => ("GET", "/vm/migrate/parameters"),
             CtlCommand::MigrateParams { .. } => ("PUT", "/vm/migrate/parameters"),
             CtlCommand::MigrateIncoming { .. } => ("PUT", "/vm/migrate/incoming"),
+            CtlCommand::Savevm { .. } => ("PUT", "/vm/savevm"),
+            CtlCommand::Loadvm { .. } => ("PUT", "/vm/loadvm"),
+            CtlCommand::Delvm { .. } => ("PUT", "/vm/delvm"),
+            CtlCommand::Snapshots { .. } => ("GET", "/vm/snapshots"),
             CtlCommand::Nics => ("GET", "/vm"),
             CtlCommand::SetLink { .. } => ("PUT", "/vm/set-link"),
             CtlCommand::RateLimit { .. } => ("PUT", "/vm/net-rate-limit"),
@@ -290,6 +344,30 @@ impl CtlCommand {
             } if downtime_limit.is_some() || max_bandwidth.is_some() => Ok(Some(
                 migrate::parameters_body(*downtime_limit, *max_bandwidth),
             )),
+            CtlCommand::Savevm {
+                tag,
+                overwrite,
+                vmstate,
+                devices,
+            } => Ok(Some(savevm::body(
+                tag,
+                vmstate.as_deref(),
+                devices.as_deref(),
+                *overwrite,
+            ))),
+            CtlCommand::Loadvm {
+                tag,
+                vmstate,
+                devices,
+            } => Ok(Some(savevm::body(
+                tag,
+                vmstate.as_deref(),
+                devices.as_deref(),
+                false,
+            ))),
+            CtlCommand::Delvm { tag, devices } => {
+                Ok(Some(savevm::body(tag, None, devices.as_deref(), false)))
+            }
             CtlCommand::SetTime { time_ns: Some(ns) } => {
                 Ok(Some(serde_json::json!({ "time_ns": ns }).to_string()))
             }
@@ -531,6 +609,7 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
         CtlCommand::Agent { timeout, .. } => TIMEOUT.max(Duration::from_secs(
             timeout.unwrap_or(10).saturating_add(10),
         )),
+        CtlCommand::Savevm { .. } | CtlCommand::Loadvm { .. } => savevm::SAVEVM_TIMEOUT,
         _ => TIMEOUT,
     };
     let resp = request_waiting(socket, method, path, body.as_deref(), wait)?;
@@ -557,6 +636,9 @@ pub fn execute(socket: &Path, cmd: &CtlCommand) -> Result<String, CtlError> {
     Ok(match json {
         Some(v) if *cmd == CtlCommand::Nics => nics_table(&v),
         Some(v) if matches!(cmd, CtlCommand::MigrateParams { .. }) => migrate::parameters_text(&v),
+        Some(v) if matches!(cmd, CtlCommand::Snapshots { .. }) => {
+            savevm::snapshots_text(&v, matches!(cmd, CtlCommand::Snapshots { json: true }))?
+        }
         Some(v) => match guest::table(cmd, &v) {
             Some(text) => text,
             None if matches!(cmd, CtlCommand::Agent { .. }) => {

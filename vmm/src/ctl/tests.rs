@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn tmp(name: &str) -> PathBuf {
+/// A fresh scratch directory for one test (also the savevm and migrate tests').
+pub(super) fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vmm-ctl-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
@@ -177,6 +178,10 @@ fn command_names_are_kebab_case() {
             "migrate-cancel",
             "migrate-params",
             "migrate-incoming",
+            "savevm",
+            "loadvm",
+            "delvm",
+            "snapshots",
             "nics",
             "rate-limit",
             "agent",

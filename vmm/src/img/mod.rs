@@ -213,16 +213,7 @@ pub fn parse_size(s: &str) -> Result<u64, ImgError> {
     let t = s.trim();
     let (num, shift) = match t.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(bad()),
-            };
+            let shift = api::human::suffix_shift(Some(c)).ok_or_else(bad)?;
             (&t[..t.len() - 1], shift)
         }
         _ => (t, 0),

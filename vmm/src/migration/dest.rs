@@ -165,7 +165,7 @@ impl ReceiverThread {
 fn receive(conn: Conn) -> Result<Received, String> {
     let started = Instant::now();
     let name = Path::new("<migration stream>");
-    let answer_to = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut answer_to = conn.try_clone().map_err(|e| e.to_string())?;
     let reader = BufReader::with_capacity(1 << 20, conn);
     let (mut reader, config_bytes, regions) =
         StreamReader::open(reader).map_err(|e| format!("the migration stream: {e}"))?;
@@ -195,8 +195,11 @@ fn receive(conn: Conn) -> Result<Received, String> {
             .next(&mem)
             .map_err(|e| format!("the migration stream: {e}"))?
         {
-            if let Item::State(s) = item {
-                state_bytes = Some(s);
+            match item {
+                Item::State(s) => state_bytes = Some(s),
+                Item::Sync(n) => wire::send_sync(&mut answer_to, n)
+                    .map_err(|e| format!("cannot answer the source: {e}"))?,
+                Item::Pass(_) | Item::Pages { .. } => {}
             }
         }
         let state_bytes =

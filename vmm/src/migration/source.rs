@@ -268,7 +268,12 @@ impl Worker {
             let round_start = Instant::now();
             let bytes_before = w.bytes;
             self.send(&mut w, &dirty, Some(&mut rate))?;
-            w.flush().map_err(|e| self.fail(io(e)))?;
+            // The round ends when the destination has it all, not when the socket took it:
+            // otherwise a backlog in the socket buffers would add to the downtime, and the
+            // bandwidth measured would be the socket's, not the destination's.
+            w.sync(self.stats.syncs).map_err(|e| self.fail(io(e)))?;
+            wire::read_sync(w.get_mut().get_mut(), self.stats.syncs)
+                .map_err(|e| self.fail(format!("the destination did not keep up: {e}")))?;
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
             self.stats.bandwidth = (w.bytes - bytes_before) as f64 / secs;
             dirty = self.harvest(&log)?;
@@ -295,6 +300,7 @@ impl Worker {
             Err(_) => return Err(self.fail("the VM went away".into())),
         };
         let before = w.bytes;
+        let switched = Instant::now();
         let last = self.harvest(&log)?;
         dirty::merge(&mut dirty, &last);
         self.stats.remaining = dirty::count(&dirty);
@@ -302,6 +308,11 @@ impl Worker {
         w.finish(&state).map_err(|e| self.fail(io(e)))?;
         self.stats.downtime_bytes = w.bytes - before;
         self.stats.remaining = 0;
+        log::info!(
+            "migration: last {} pages and the state sent in {:?}",
+            self.stats.downtime_bytes / PAGE_SIZE,
+            switched.elapsed()
+        );
         let answer = wire::read_answer(w.get_mut().get_mut()).map_err(|e| {
             self.fail(format!(
                 "the destination did not confirm that it took the VM over: {e}"
@@ -310,6 +321,10 @@ impl Worker {
         if let Err(reason) = answer {
             return Err(self.fail(format!("the destination refused the VM: {reason}")));
         }
+        log::info!(
+            "migration: the destination runs the VM, {:?} after the switchover",
+            switched.elapsed()
+        );
         let _ = log.stop();
         Ok(self.info(MigrationStatus::Completed, w.bytes))
     }

@@ -3,8 +3,8 @@
 //! sections, the machine state last, and one answer back from the destination.
 //!
 //! ```text
-//! source -> destination   header | CONF | MEMD | (PASS | PAGE)* | STAT | END_
-//! destination -> source   OKAY | FAIL (a UTF-8 reason)
+//! source -> destination   header | CONF | MEMD | (PASS | PAGE | SYNC)* | STAT | END_
+//! destination -> source   SYNC (one per SYNC received)* | OKAY | FAIL (a UTF-8 reason)
 //! PAGE payload            gpa u64 | pages u32 | kind u32 (0 zeros, 1 data) | data (pages * 4 KiB)
 //! PASS payload            pass number u64
 //! ```
@@ -27,6 +27,9 @@ use virtio::GuestMemoryMmap;
 pub const TAG_PAGE: [u8; 4] = *b"PAGE";
 /// The start of a round.
 pub const TAG_PASS: [u8; 4] = *b"PASS";
+/// The source asks the destination to say when it has everything sent so far; the
+/// destination answers with the same section (the same number).
+pub const TAG_SYNC: [u8; 4] = *b"SYNC";
 /// The destination has the VM and runs it.
 pub const TAG_OKAY: [u8; 4] = *b"OKAY";
 /// The destination refused the VM; the payload says why.
@@ -100,6 +103,12 @@ impl<W: Write> StreamWriter<W> {
         self.section(TAG_PASS, &pass.to_le_bytes())
     }
 
+    /// Asks the destination to confirm that it processed everything up to here.
+    pub fn sync(&mut self, seq: u64) -> io::Result<()> {
+        self.section(TAG_SYNC, &seq.to_le_bytes())?;
+        self.w.flush()
+    }
+
     /// A run of `pages` pages of zeros at `gpa`.
     pub fn zero_pages(&mut self, gpa: u64, pages: u32) -> io::Result<()> {
         self.section(TAG_PAGE, &prefix(gpa, pages, PageKind::Zero))
@@ -151,6 +160,8 @@ pub enum Item {
         /// Zeros or data.
         kind: PageKind,
     },
+    /// The source waits for this number to come back ([`send_sync`]).
+    Sync(u64),
     /// The machine state (the payload, crc checked).
     State(Vec<u8>),
 }
@@ -219,7 +230,7 @@ impl<R: Read> StreamReader<R> {
         let want_crc = u32::from_le_bytes(h[12..16].try_into().unwrap_or_default());
         let name = format::tag_name(tag);
         let max = match tag {
-            TAG_PASS => 8,
+            TAG_PASS | TAG_SYNC => 8,
             TAG_PAGE => PAGE_PREFIX as u64 + u64::from(MAX_DATA_PAGES) * PAGE_SIZE,
             TAG_STAT => MAX_META_LEN,
             TAG_END => 4,
@@ -239,56 +250,22 @@ impl<R: Read> StreamReader<R> {
                 "section {name} after the machine state"
             )));
         }
+        if tag == TAG_PAGE {
+            return self.pages(mem, len, want_crc).map(Some);
+        }
         self.read(len as usize, &format!("section {name}"))?;
         if format::crc(&self.buf) != want_crc {
             return Err(FormatError::Checksum(format!("section {name}")));
         }
         let bad = |m: String| FormatError::Malformed(m);
+        let number = |buf: &[u8]| -> Result<u64, FormatError> {
+            buf.try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| bad(format!("a {name} section must hold 8 bytes")))
+        };
         match tag {
-            TAG_PASS => {
-                let pass = u64::from_le_bytes(
-                    self.buf[..]
-                        .try_into()
-                        .map_err(|_| bad("a PASS section must hold 8 bytes".into()))?,
-                );
-                Ok(Some(Item::Pass(pass)))
-            }
-            TAG_PAGE => {
-                if self.buf.len() < PAGE_PREFIX {
-                    return Err(bad("a PAGE section is too short".into()));
-                }
-                let gpa = u64::from_le_bytes(self.buf[..8].try_into().unwrap_or_default());
-                let pages = u32::from_le_bytes(self.buf[8..12].try_into().unwrap_or_default());
-                let kind = match u32::from_le_bytes(self.buf[12..16].try_into().unwrap_or_default())
-                {
-                    0 => PageKind::Zero,
-                    1 => PageKind::Data,
-                    k => return Err(bad(format!("page kind {k}"))),
-                };
-                let bytes = u64::from(pages) * PAGE_SIZE;
-                if pages == 0 || !gpa.is_multiple_of(PAGE_SIZE) {
-                    return Err(bad(format!("a page run of {pages} pages at {gpa:#x}")));
-                }
-                if self.region_of(gpa, bytes).is_none() {
-                    return Err(bad(format!(
-                        "pages {gpa:#x}+{bytes:#x} lie outside guest RAM"
-                    )));
-                }
-                let data_len = self.buf.len() - PAGE_PREFIX;
-                match kind {
-                    PageKind::Data if data_len as u64 == bytes => {
-                        mem.write_slice(&self.buf[PAGE_PREFIX..], GuestAddress(gpa))
-                            .map_err(|e| bad(format!("guest memory: {e}")))?;
-                    }
-                    PageKind::Zero if data_len == 0 => zero_range(mem, gpa, bytes)?,
-                    _ => {
-                        return Err(bad(format!(
-                            "a page run of {pages} pages carries {data_len} bytes"
-                        )))
-                    }
-                }
-                Ok(Some(Item::Pages { gpa, pages, kind }))
-            }
+            TAG_PASS => Ok(Some(Item::Pass(number(&self.buf)?))),
+            TAG_SYNC => Ok(Some(Item::Sync(number(&self.buf)?))),
             TAG_STAT => {
                 self.state_seen = true;
                 Ok(Some(Item::State(std::mem::take(&mut self.buf))))
@@ -303,6 +280,71 @@ impl<R: Read> StreamReader<R> {
                 Ok(None)
             }
         }
+    }
+
+    /// A PAGE section of `len` bytes: its prefix is checked first, then the pages' bytes are
+    /// read straight into guest RAM (which no vCPU runs on yet) and their crc checked there.
+    fn pages(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        len: u64,
+        want_crc: u32,
+    ) -> Result<Item, FormatError> {
+        let bad = |m: String| FormatError::Malformed(m);
+        if len < PAGE_PREFIX as u64 {
+            return Err(bad("a PAGE section is too short".into()));
+        }
+        let mut p = [0u8; PAGE_PREFIX];
+        format::read_exact(&mut self.r, &mut p, "section PAGE")?;
+        self.bytes += PAGE_PREFIX as u64;
+        let gpa = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+        let pages = u32::from_le_bytes(p[8..12].try_into().unwrap_or_default());
+        let kind = match u32::from_le_bytes(p[12..16].try_into().unwrap_or_default()) {
+            0 => PageKind::Zero,
+            1 => PageKind::Data,
+            k => return Err(bad(format!("page kind {k}"))),
+        };
+        let bytes = u64::from(pages) * PAGE_SIZE;
+        if pages == 0 || !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(bad(format!("a page run of {pages} pages at {gpa:#x}")));
+        }
+        if self.region_of(gpa, bytes).is_none() {
+            return Err(bad(format!(
+                "pages {gpa:#x}+{bytes:#x} lie outside guest RAM"
+            )));
+        }
+        let data_len = len - PAGE_PREFIX as u64;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&p);
+        match kind {
+            PageKind::Data if data_len == bytes => {
+                let slice = mem
+                    .get_slice(GuestAddress(gpa), bytes as usize)
+                    .map_err(|e| bad(format!("guest memory: {e}")))?;
+                // SAFETY: the slice is `bytes` of guest RAM that `get_slice` checked lies in one
+                // mapped region; the VM that will use it is not built yet, so nothing else
+                // reads or writes it while this reference lives.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), bytes as usize)
+                };
+                format::read_exact(&mut self.r, dst, "section PAGE")?;
+                self.bytes += bytes;
+                h.update(dst);
+            }
+            PageKind::Zero if data_len == 0 => {}
+            _ => {
+                return Err(bad(format!(
+                    "a page run of {pages} pages carries {data_len} bytes"
+                )))
+            }
+        }
+        if h.finalize() != want_crc {
+            return Err(FormatError::Checksum("section PAGE".into()));
+        }
+        if kind == PageKind::Zero {
+            zero_range(mem, gpa, bytes)?;
+        }
+        Ok(Item::Pages { gpa, pages, kind })
     }
 }
 
@@ -347,6 +389,42 @@ pub fn send_answer<W: Write>(w: &mut W, answer: Result<(), &str>) -> io::Result<
     };
     format::write_section(w, tag, payload)?;
     w.flush()
+}
+
+/// The destination's reply to a [`Item::Sync`].
+pub fn send_sync<W: Write>(w: &mut W, seq: u64) -> io::Result<()> {
+    format::write_section(w, TAG_SYNC, &seq.to_le_bytes())?;
+    w.flush()
+}
+
+/// Waits for the destination's reply to the source's SYNC `seq`.
+pub fn read_sync<R: Read>(r: &mut R, seq: u64) -> Result<(), FormatError> {
+    let mut h = [0u8; 16];
+    format::read_exact(r, &mut h, "the destination's sync")?;
+    let tag: [u8; 4] = [h[0], h[1], h[2], h[3]];
+    let len = u64::from_le_bytes(h[4..12].try_into().unwrap_or_default());
+    if tag == TAG_FAIL && len <= MAX_REASON {
+        let mut reason = vec![0u8; len as usize];
+        format::read_exact(r, &mut reason, "the destination's answer")?;
+        return Err(FormatError::Malformed(format!(
+            "the destination gave up: {}",
+            String::from_utf8_lossy(&reason)
+        )));
+    }
+    let mut b = [0u8; 8];
+    if tag != TAG_SYNC || len != 8 {
+        return Err(FormatError::Malformed(format!(
+            "the destination answered {} instead of SYNC",
+            format::tag_name(tag)
+        )));
+    }
+    format::read_exact(r, &mut b, "the destination's sync")?;
+    if u64::from_le_bytes(b) != seq {
+        return Err(FormatError::Malformed(
+            "the destination's sync is out of step".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the destination's answer.

@@ -59,8 +59,8 @@ impl Control {
         }
     }
 
-    /// Stops the vCPUs (if running), lets the devices finish and flush, and takes every state.
-    fn take_state(&mut self, was_running: bool) -> Result<MachineState, String> {
+    /// Stops the vCPUs (if running) and lets the devices finish their work and flush.
+    pub(super) fn stop_and_flush(&mut self, was_running: bool) -> Result<(), String> {
         if was_running {
             if !self.vm.control.pause(&self.vm.threads, PAUSE_TIMEOUT) {
                 return Err("the vCPUs did not stop in time".into());
@@ -72,6 +72,12 @@ impl Control {
                 .quiesce()
                 .map_err(|e| format!("device `{id}`: cannot flush: {e}"))?;
         }
+        Ok(())
+    }
+
+    /// Stops the vCPUs (if running), lets the devices finish and flush, and takes every state.
+    pub(super) fn take_state(&mut self, was_running: bool) -> Result<MachineState, String> {
+        self.stop_and_flush(was_running)?;
         let vcpus = self
             .vm
             .control
@@ -82,7 +88,7 @@ impl Control {
     }
 
     /// Lets the vCPUs run again after a failed save or migration, if they ran before.
-    fn run_again(&mut self, was_running: bool) {
+    pub(super) fn run_again(&mut self, was_running: bool) {
         if was_running && self.state.get() == VmState::Running {
             self.vm.control.resume();
             self.bus.publish(VmEvent::Resume);
@@ -185,6 +191,12 @@ impl Control {
         match Outgoing::start(job) {
             Ok(o) => {
                 self.outgoing.running = Some(o);
+                // As QEMU: once `migrate` answers, query-migrate no longer shows the last
+                // migration's outcome.
+                self.migration.set(MigrationInfo {
+                    status: MigrationStatus::Setup,
+                    ..Default::default()
+                });
                 Ok(())
             }
             Err(e) => {
@@ -270,15 +282,24 @@ impl Control {
     /// Stops the VM, hands the disks over and serialises its state for the worker.
     fn switchover(&mut self) -> Result<Vec<u8>, String> {
         let was_running = self.state.get() == VmState::Running;
-        self.outgoing.switched = Some((Instant::now(), was_running));
+        let t0 = Instant::now();
+        self.outgoing.switched = Some((t0, was_running));
         let machine = self.take_state(was_running)?;
+        let taken = t0.elapsed();
         self.outgoing.storage_handed_over = true;
         for (id, dev) in self.vm.registry.virtio() {
             lock(dev)
                 .hand_over_storage()
                 .map_err(|e| format!("device `{id}`: cannot hand its storage over: {e}"))?;
         }
-        serde_json::to_vec(&machine).map_err(|e| e.to_string())
+        let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
+        log::info!(
+            "migration: switchover: VM stopped and its state taken in {taken:?}, {} bytes \
+             ready in {:?}",
+            state.len(),
+            t0.elapsed()
+        );
+        Ok(state)
     }
 
     /// Takes the disks back after a hand-over and lets the devices run again.

@@ -1,8 +1,9 @@
 //! The REST API's routes, what each turns into, and the HTTP responses (JSON bodies, errors as
 //! `{"error": "..."}`). `api/openapi.json` documents exactly [`ROUTES`] (a test checks it). The
-//! live-migration bodies are in `migration.rs`.
+//! live-migration bodies are in `migration.rs`, the whole-VM snapshots' in `savevm.rs`.
 
 mod migration;
+mod savevm;
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,15 @@ pub enum Route {
     SetBalloon,
     /// `PUT /vm/balloon/stats-interval` with `{"stats_interval_s": N}` (0: no polling).
     BalloonStatsInterval,
+    /// `PUT /vm/savevm` with `{"tag": "s1", "vmstate": "disk0", "devices": [...],
+    /// "overwrite": false}` (all but `tag` optional): a whole-VM snapshot inside the qcow2 disks.
+    SaveVm,
+    /// `PUT /vm/loadvm` with `{"tag": "s1", "vmstate": ..., "devices": ...}`: go back to it.
+    LoadVm,
+    /// `PUT /vm/delvm` with `{"tag": "s1", "devices": ...}`: delete it from the disks.
+    DelVm,
+    /// `GET /vm/snapshots`: every snapshot-capable disk and its internal snapshots.
+    ListVmSnapshots,
 }
 
 /// Every route: method, path, operation.
@@ -124,6 +134,10 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
         "/vm/balloon/stats-interval",
         Route::BalloonStatsInterval,
     ),
+    ("PUT", "/vm/savevm", Route::SaveVm),
+    ("PUT", "/vm/loadvm", Route::LoadVm),
+    ("PUT", "/vm/delvm", Route::DelVm),
+    ("GET", "/vm/snapshots", Route::ListVmSnapshots),
 ];
 
 impl Route {
@@ -143,6 +157,7 @@ impl Route {
                 | Route::GetMetrics
                 | Route::Prometheus
                 | Route::GetBalloon
+                | Route::ListVmSnapshots
         )
     }
 
@@ -189,6 +204,10 @@ pub(crate) fn action(route: Route, body: &[u8]) -> Result<VmmAction, Response> {
         Route::GetBalloon => plain(VmmAction::GetBalloon),
         Route::SetBalloon => balloon_body(body),
         Route::BalloonStatsInterval => stats_interval_body(body),
+        Route::SaveVm => savevm::save_body(body).map(VmmAction::SaveVm),
+        Route::LoadVm => savevm::load_body(body).map(VmmAction::LoadVm),
+        Route::DelVm => savevm::delete_body(body).map(VmmAction::DelVm),
+        Route::ListVmSnapshots => plain(VmmAction::ListVmSnapshots),
     }
 }
 
@@ -239,7 +258,16 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))?;
+    // serde would take a struct from an array too; a body is an object.
+    if !v.is_object() {
+        return Err(Response::error(
+            400,
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(v)
         .map_err(|e| Response::error(400, format!("invalid request body: {e}")))
 }
 
@@ -587,6 +615,9 @@ pub(crate) fn respond(route: Route, reply: Reply) -> Response {
         }
         Ok(VmmResponse::Balloon(b)) if route == Route::GetBalloon => {
             Response::ok(serde_json::to_value(&b).unwrap_or(Value::Null))
+        }
+        Ok(VmmResponse::VmSnapshots(disks)) if route == Route::ListVmSnapshots => {
+            Response::ok(serde_json::to_value(&disks).unwrap_or(Value::Null))
         }
         Ok(VmmResponse::Done) if route.takes_body() => Response::no_content(),
         Ok(other) => Response::error(500, format!("unexpected answer from the VMM: {other:?}")),

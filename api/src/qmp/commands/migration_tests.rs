@@ -10,7 +10,7 @@ use crate::action::{
 fn answer(step: Step) -> Value {
     match step {
         Step::Answer(v) => v,
-        Step::Submit(a) => panic!("unexpected submit {a:?}"),
+        other => panic!("unexpected {other:?}"),
     }
 }
 

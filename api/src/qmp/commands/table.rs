@@ -186,6 +186,18 @@ pub(super) const COMMANDS: &[(&str, &[Arg])] = &[
             },
         ],
     ),
+    ("snapshot-save", &SNAPSHOT_ARGS),
+    ("snapshot-load", &SNAPSHOT_ARGS),
+    ("snapshot-delete", &SNAPSHOT_DELETE_ARGS),
+    ("query-jobs", NO_ARGS),
+    (
+        "job-dismiss",
+        &[Arg {
+            name: "id",
+            ty: ArgType::Str,
+            required: true,
+        }],
+    ),
     (
         "human-monitor-command",
         &[
@@ -202,6 +214,33 @@ pub(super) const COMMANDS: &[(&str, &[Arg])] = &[
         ],
     ),
 ];
+
+/// `snapshot-save`'s and `snapshot-load`'s members, all mandatory (qapi/migration.json).
+const SNAPSHOT_ARGS: [Arg; 4] = [
+    Arg {
+        name: "job-id",
+        ty: ArgType::Str,
+        required: true,
+    },
+    Arg {
+        name: "tag",
+        ty: ArgType::Str,
+        required: true,
+    },
+    Arg {
+        name: "vmstate",
+        ty: ArgType::Str,
+        required: true,
+    },
+    Arg {
+        name: "devices",
+        ty: ArgType::StrList,
+        required: true,
+    },
+];
+
+/// `snapshot-delete`'s: no `vmstate`.
+const SNAPSHOT_DELETE_ARGS: [Arg; 3] = [SNAPSHOT_ARGS[0], SNAPSHOT_ARGS[1], SNAPSHOT_ARGS[3]];
 
 /// `migrate-set-parameters`' members: every `MigrateSetParameters` member QEMU 10.1 knows, each
 /// checked as QEMU's visitor checks its type ([`params::check_member`]).

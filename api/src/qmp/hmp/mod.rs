@@ -2,14 +2,16 @@
 //! output (QEMU's `monitor_puts` turns every `\n` into `\r\n`).
 //!
 //! Supported: `info status|cpus|version|kvm|name|migrate|migrate_capabilities|
-//! migrate_parameters|network|blockstats|balloon`, `help` (`?`), `stop` (`s`), `cont` (`c`),
-//! `system_powerdown`, `system_reset`, `quit` (`q`), `balloon`, `set_link NAME on|off`, and the
-//! migration commands of [`migration`]: `migrate [-d] [-r] URI`, `migrate_incoming URI`,
-//! `migrate_cancel`, `migrate_set_capability NAME on|off`, `migrate_set_parameter NAME VALUE`.
+//! migrate_parameters|network|blockstats|balloon|snapshots`, `help` (`?`), `stop` (`s`), `cont`
+//! (`c`), `system_powerdown`, `system_reset`, `quit` (`q`), `balloon`, `set_link NAME on|off`,
+//! the migration commands of [`migration`]: `migrate [-d] [-r] URI`, `migrate_incoming URI`,
+//! `migrate_cancel`, `migrate_set_capability NAME on|off`, `migrate_set_parameter NAME VALUE`,
+//! and the whole-VM snapshots of [`savevm`]: `savevm [TAG]`, `loadvm TAG`, `delvm TAG`.
 //! Anything else prints what QEMU prints. Arguments are split at white space (QEMU's quoted
 //! strings are not parsed).
 
 mod migration;
+mod savevm;
 
 use super::commands::{unexpected, vm_info, CommandError};
 use super::migration::{action_error_text, capability_states, params};
@@ -49,6 +51,8 @@ pub(crate) enum InfoKind {
     Blockstats,
     /// `info balloon`.
     Balloon,
+    /// `info snapshots`.
+    Snapshots,
 }
 
 impl InfoKind {
@@ -61,6 +65,7 @@ impl InfoKind {
             InfoKind::MigrateParameters => VmmAction::GetMigrationParameters,
             InfoKind::Blockstats => VmmAction::QueryBlockStats,
             InfoKind::Balloon => VmmAction::GetBalloon,
+            InfoKind::Snapshots => VmmAction::ListVmSnapshots,
         }
     }
 }
@@ -80,6 +85,7 @@ info migrate_capabilities  -- show current migration capabilities
 info migrate_parameters  -- show current migration parameters
 info name  -- show the current VM name
 info network  -- show the network state
+info snapshots  -- show the currently saved VM snapshots
 info status  -- show the current VM status (running|paused)
 info version  -- show the version of QEMU
 ";
@@ -96,6 +102,7 @@ const INFO_NO_ARGS: &[&str] = &[
     "network",
     "blockstats",
     "balloon",
+    "snapshots",
 ];
 
 /// `line` up to the end of its `n`-th word: what QEMU repeats in "Try \"help ...\"".
@@ -164,6 +171,9 @@ pub(crate) fn parse(line: &str) -> HmpCommand {
         ),
         "migrate_set_capability" => migration::parse_set_capability(line, &rest),
         "migrate_set_parameter" => migration::parse_set_parameter(line, &rest),
+        "savevm" => savevm::parse_savevm(line, &rest),
+        "loadvm" => savevm::parse_loadvm(line, &rest),
+        "delvm" => savevm::parse_delvm(line, &rest),
         "balloon" => match rest.as_slice() {
             [] => bad_args("balloon: integer expected", line, 1),
             [size] => match parse_mib(size) {
@@ -235,6 +245,7 @@ fn parse_info(line: &str, rest: &[&str]) -> HmpCommand {
         "network" => HmpCommand::Info(InfoKind::Network),
         "blockstats" => HmpCommand::Info(InfoKind::Blockstats),
         "balloon" => HmpCommand::Info(InfoKind::Balloon),
+        "snapshots" => HmpCommand::Info(InfoKind::Snapshots),
         "version" => {
             let v = VersionInfo::current();
             HmpCommand::Text(crlf(&format!("{}\n", v.version)))
@@ -293,6 +304,10 @@ pub(crate) fn info_reply(kind: InfoKind, reply: Reply, cpu: i64) -> Result<Strin
                 Ok(crlf(&format!("balloon: actual={}\n", b.actual_bytes >> 20)))
             }
             Err(e @ ActionError::NoBalloon) => Ok(crlf(&format!("Error: {e}\n"))),
+            other => Err(unexpected(other)),
+        },
+        InfoKind::Snapshots => match reply {
+            Ok(VmmResponse::VmSnapshots(disks)) => Ok(crlf(&crate::snapshots::info_text(&disks))),
             other => Err(unexpected(other)),
         },
     }
@@ -375,7 +390,8 @@ pub(crate) fn info_text(kind: InfoKind, vm: &VmInfo, current_cpu: i64) -> String
         | InfoKind::MigrateCapabilities
         | InfoKind::MigrateParameters
         | InfoKind::Blockstats
-        | InfoKind::Balloon => String::new(),
+        | InfoKind::Balloon
+        | InfoKind::Snapshots => String::new(),
     };
     crlf(&text)
 }
@@ -415,10 +431,15 @@ const HELP: &[(&str, &str)] = &[
         "balloon target -- request VM to change its memory allocation (in MB)\n",
     ),
     ("cont|c", "cont|c  -- resume emulation\n"),
+    ("delvm", "delvm tag -- delete a VM snapshot from its tag\n"),
     ("help|?", "help|? [cmd] -- show the help\n"),
     (
         "info",
         "info [subcommand] -- show various information about the system state\n",
+    ),
+    (
+        "loadvm",
+        "loadvm tag -- restore a VM snapshot from its tag\n",
     ),
     (
         "migrate",
@@ -443,6 +464,10 @@ const HELP: &[(&str, &str)] = &[
         "migrate_set_parameter parameter value -- Set the parameter for migration\n",
     ),
     ("quit|q", "quit|q  -- quit the emulator\n"),
+    (
+        "savevm",
+        "savevm tag -- save a VM snapshot. If no tag is provided, a new snapshot is created\n",
+    ),
     (
         "set_link",
         "set_link name on|off -- change the link status of a network adapter\n",

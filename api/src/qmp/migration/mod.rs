@@ -350,16 +350,21 @@ pub(crate) fn precopy_bytes(ram: &RamStats) -> u64 {
 
 /// The text of an action's error as QEMU words it where QEMU has words for it: a migration
 /// refused in the VM's state, or one the VMM refused with QEMU's text (the reason of an
-/// [`ActionError::Refused`] of a live-migration action is shown alone). `restore_started` tells
-/// a second `migrate-incoming` (QEMU: "already started") from a VMM that never waited for one.
+/// [`ActionError::Refused`] of a live-migration action is shown alone), and a whole-VM
+/// snapshot's failure ([`super::jobs::snapshot::error_text`]). `restore_started` tells a second
+/// `migrate-incoming` (QEMU: "already started") from a VMM that never waited for one.
 pub(crate) fn action_error_text(
     action: &VmmAction,
     e: &ActionError,
     restore_started: bool,
 ) -> String {
     use VmmAction::{
-        Migrate, MigrateCancel, MigrateIncoming, Restore, SetMigrationParameters, Snapshot,
+        DelVm, LoadVm, Migrate, MigrateCancel, MigrateIncoming, Restore, SaveVm,
+        SetMigrationParameters, Snapshot,
     };
+    if matches!(action, SaveVm(_) | LoadVm(_) | DelVm(_)) {
+        return super::jobs::snapshot::error_text(e);
+    }
     match e {
         ActionError::InvalidState { state, .. } => match (action, state) {
             (Snapshot { .. } | Migrate { .. }, VmState::Incoming) => {

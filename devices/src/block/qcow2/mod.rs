@@ -183,7 +183,7 @@ pub enum Error {
         len: u64,
     },
     /// `loadvm` of a snapshot that has no VM state (QEMU's words).
-    #[error("This is a disk-only snapshot. Revert to it offline using qemu-img")]
+    #[error("This is a disk-only snapshot. Revert to it  offline using qemu-img")]
     DiskOnlySnapshot(String),
     /// Shrinking is not supported.
     #[error("shrinking from {from} to {to} bytes is not supported")]
@@ -495,6 +495,9 @@ impl Qcow2Image {
 impl DiskImage for Qcow2Image {
     fn size(&self) -> u64 {
         self.header.size
+    }
+    fn as_qcow2(&mut self) -> Option<&mut Qcow2Image> {
+        Some(self)
     }
 
     fn read_only(&self) -> bool {

@@ -199,3 +199,25 @@ fn the_destination_answers_once() {
     assert!(read_answer(&mut &v[..]).is_err());
     assert!(read_answer(&mut &b"OKAY"[..]).is_err());
 }
+
+#[test]
+fn syncs_come_back_with_their_number() {
+    let mem = memory();
+    let mut w = StreamWriter::new(Vec::new());
+    w.start(b"{\"conf\":1}", &layout(&mem)).unwrap();
+    w.sync(7).unwrap();
+    w.finish(b"{}").unwrap();
+    let items = read_all(w.get_mut(), &mem).unwrap();
+    assert_eq!(items[0], Item::Sync(7));
+    let mut back = Vec::new();
+    send_sync(&mut back, 7).unwrap();
+    assert!(read_sync(&mut &back[..], 7).is_ok());
+    assert!(read_sync(&mut &back[..], 8)
+        .unwrap_err()
+        .to_string()
+        .contains("out of step"));
+    let mut fail = Vec::new();
+    send_answer(&mut fail, Err("no room")).unwrap();
+    let e = read_sync(&mut &fail[..], 7).unwrap_err().to_string();
+    assert!(e.contains("gave up: no room"), "{e}");
+}

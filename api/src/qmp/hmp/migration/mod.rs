@@ -6,6 +6,7 @@
 
 use super::{bad_args, crlf, error_text, HmpCommand};
 use crate::action::{MigrationInfo, MigrationStatus, VmmAction};
+use crate::human::size_to_str;
 use crate::qmp::migration::{self, params, Target};
 
 /// What QEMU's `migrate` prints without `-d` when its monitor cannot wait (as under
@@ -174,45 +175,6 @@ pub(crate) fn migrate_text(info: &MigrationInfo) -> String {
         out.push('\n');
     }
     out
-}
-
-/// QEMU's `size_to_str`: IEC units, switching up once the number reaches 1000, printed `%0.3g`.
-pub(super) fn size_to_str(val: u64) -> String {
-    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-    let x = val as f64 / (1000.0 / 1024.0);
-    // frexp's exponent: x = m * 2^e with m in [0.5, 1).
-    let e = if x == 0.0 {
-        0
-    } else {
-        ((x.to_bits() >> 52) & 0x7ff) as i32 - 1022
-    };
-    let i = ((e - 1) / 10).clamp(0, 6) as usize;
-    let div = (1u64 << (i * 10)) as f64;
-    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
-}
-
-/// C's `%0.3g`: three significant digits, trailing zeros dropped, exponent form outside
-/// 1e-4..1e3.
-pub(super) fn fmt_g3(v: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
-    }
-    let sci = format!("{v:.2e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let trim = |s: &str| {
-        if s.contains('.') {
-            s.trim_end_matches('0').trim_end_matches('.').to_string()
-        } else {
-            s.to_string()
-        }
-    };
-    if (-4..3).contains(&exp) {
-        trim(&format!("{v:.*}", (2 - exp) as usize))
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
-    }
 }
 
 #[cfg(test)]

@@ -374,20 +374,3 @@ fn info_migrate_text_follows_qemu() {
     assert!(caps.ends_with("mapped-ram: off\r\n"));
     assert!(info_reply(InfoKind::Migrate, Ok(VmmResponse::Done), 0).is_err());
 }
-
-#[test]
-fn sizes_print_like_qemu() {
-    assert_eq!(size_to_str(0), "0 B");
-    assert_eq!(size_to_str(999), "999 B");
-    assert_eq!(size_to_str(1000), "0.977 KiB");
-    assert_eq!(size_to_str(1024), "1 KiB");
-    assert_eq!(size_to_str(4096), "4 KiB");
-    assert_eq!(size_to_str(1536), "1.5 KiB");
-    assert_eq!(size_to_str(268_435_456), "256 MiB");
-    assert_eq!(size_to_str(1_023_487), "999 KiB");
-    assert_eq!(size_to_str(1_048_000), "0.999 MiB");
-    assert_eq!(size_to_str(u64::MAX), "16 EiB");
-    assert_eq!(fmt_g3(999.6), "1e+03");
-    assert_eq!(fmt_g3(0.000_123_4), "0.000123");
-    assert_eq!(fmt_g3(12.34), "12.3");
-}

@@ -392,20 +392,6 @@ pub(crate) enum SizeError {
     Range,
 }
 
-/// The power of 1024 a size suffix stands for (B, K, M, G, T, P, E, either case).
-fn suffix_shift(c: Option<char>) -> Option<u32> {
-    Some(match c?.to_ascii_uppercase() {
-        'B' => 0,
-        'K' => 10,
-        'M' => 20,
-        'G' => 30,
-        'T' => 40,
-        'P' => 50,
-        'E' => 60,
-        _ => return None,
-    })
-}
-
 /// QEMU's `qemu_strtosz` (util/cutils.c `do_strtosz`): decimal with an optional fraction and an
 /// optional suffix (`default_suffix` when there is none; a fraction needs a unit above bytes,
 /// rounded to the nearest byte), or `0x` hex without fraction or suffix. Leading white space is
@@ -422,7 +408,10 @@ pub(crate) fn strtosz(text: &str, default_suffix: char) -> Result<u64, SizeError
             .find(|c: char| !c.is_ascii_hexdigit())
             .unwrap_or(hex.len());
         rest = &hex[end..];
-        if end == 0 || rest.starts_with('.') || suffix_shift(rest.chars().next()).is_some() {
+        if end == 0
+            || rest.starts_with('.')
+            || crate::human::suffix_shift(rest.chars().next()).is_some()
+        {
             return Err(SizeError::Invalid);
         }
         val = u64::from_str_radix(&hex[..end], 16).map_err(|_| SizeError::Range)?;
@@ -453,12 +442,12 @@ pub(crate) fn strtosz(text: &str, default_suffix: char) -> Result<u64, SizeError
             return Err(SizeError::Invalid);
         }
     }
-    let shift = match suffix_shift(rest.chars().next()) {
+    let shift = match crate::human::suffix_shift(rest.chars().next()) {
         Some(shift) => {
             rest = &rest[1..];
             shift
         }
-        None => suffix_shift(Some(default_suffix)).unwrap_or(0),
+        None => crate::human::suffix_shift(Some(default_suffix)).unwrap_or(0),
     };
     if !rest.is_empty() || (shift == 0 && valf != 0) {
         return Err(SizeError::Invalid);
