@@ -806,15 +806,20 @@ def flake_reason(e: BaseException, box: "Box | None") -> str | None:
     return None
 
 
+def l2_triple_faulted(vm: "L2") -> bool:
+    """Whether our VMM `vm` ended on the nested-SVM triple fault (see flake_reason)."""
+    try:
+        return vm.exited() is not None and "the guest triple-faulted" in vm.stderr()
+    except Exception:  # the box itself may be gone; flake_reason judges that
+        return False
+
+
 def triple_fault_of(vms) -> str | None:
     """The nested-SVM triple fault (see flake_reason) when an L2 of the scenario ended with one
     while the scenario was failing on something else (a client that lost the VMM's socket)."""
     for vm in getattr(vms, "started", []):
-        try:
-            if vm.exited() is not None and "the guest triple-faulted" in vm.stderr():
-                return "an L2 vCPU triple-faulted (nested SVM under TCG)"
-        except Exception:  # the box itself may be gone; flake_reason judges that
-            return None
+        if l2_triple_faulted(vm):
+            return "an L2 vCPU triple-faulted (nested SVM under TCG)"
     return None
 
 
