@@ -174,6 +174,10 @@ fn receive(conn: Conn) -> Result<Received, String> {
         .map_err(|_| "the migration stream: the VM configuration is not UTF-8".to_string())?;
     let config = VmConfig::from_json(text, name)
         .map_err(|e| format!("the migration stream: the VM configuration is invalid: {e}"))?;
+    // Checked before its memory size is trusted to map RAM.
+    config
+        .validate_restored(None)
+        .map_err(|e| format!("the migration stream: the VM configuration is invalid: {e}"))?;
     let layout = crate::snapshot::format::MemoryLayout {
         regions: regions.clone(),
         data_offset: 0,

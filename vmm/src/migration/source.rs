@@ -132,6 +132,7 @@ impl Drop for Outgoing {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.cancel();
+            self.send_state(Err("the migration was dropped".into()));
             let _ = t.join();
         }
     }

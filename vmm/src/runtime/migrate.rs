@@ -337,7 +337,14 @@ impl Control {
                 let mut reason = f.reason;
                 if let Some((_, was_running)) = switched {
                     match self.take_back_storage() {
-                        Ok(()) => self.run_again(was_running),
+                        Ok(()) => {
+                            // Devices the switchover quiesced (vhost-net's rings) run again,
+                            // whether or not it got as far as handing the disks over.
+                            for (_, dev) in self.vm.registry.virtio() {
+                                lock(dev).resume();
+                            }
+                            self.run_again(was_running)
+                        }
                         Err(e) => {
                             // Someone holds the disks now (the destination may run the VM):
                             // running here too could corrupt them.
@@ -366,6 +373,8 @@ impl Control {
     pub(super) fn abandon_migration(&mut self) {
         if let Some(o) = self.outgoing.running.take() {
             o.cancel();
+            // A worker waiting for the switchover's state must not wait for a VM that is gone.
+            o.send_state(Err("the VM was reset or shut down".into()));
             o.join();
             self.stop_vhost_log();
             self.migration.set(MigrationInfo {
