@@ -13,6 +13,7 @@ use boot::acpi::AcpiConfig;
 use boot::zeropage::BootParamsConfig;
 use devices::block::ImageFormat;
 use kvm_bindings::CpuId;
+use kvm_ioctls::VcpuFd;
 use std::sync::Mutex;
 use virtio::block::Block;
 use virtio::VirtioPciDevice;
@@ -238,18 +239,19 @@ pub fn build_vm(
     restore: Option<&Loaded>,
 ) -> Result<RunningVm, BuildError> {
     let memory_bytes = cfg.machine.memory_mib << 20;
+    let taken = |what| BuildError::Memory(MemoryError::Map(format!("the {what} was used already")));
+    // vCPUs created before their state arrived, by id.
+    let mut early_vcpus: Vec<Option<VcpuFd>> = Vec::new();
     let mut vm = match restore.map(|l| &l.memory) {
         Some(SavedMemory::File { file, layout }) => {
             Vm::with_memory(hv, map_private(file, layout)?)?
         }
-        Some(SavedMemory::Received(ram)) => match ram.take() {
-            Some(ram) => Vm::with_ram(hv, ram)?,
-            None => {
-                return Err(BuildError::Memory(MemoryError::Map(
-                    "the received RAM was used already".into(),
-                )))
-            }
-        },
+        Some(SavedMemory::Received(ram)) => Vm::with_ram(hv, ram.take().ok_or(taken("RAM"))?)?,
+        Some(SavedMemory::Prebuilt(p)) => {
+            let p = p.take().ok_or(taken("prebuilt VM"))?;
+            early_vcpus = p.vcpus.into_iter().map(Some).collect();
+            p.vm
+        }
         None => Vm::new(hv, cfg.machine.memory_mib)?,
     };
     let mem = vm.memory();
@@ -264,7 +266,16 @@ pub fn build_vm(
         Some(l) => Some(
             (0..cfg.machine.vcpus)
                 .map(|id| match l.state.vcpus.get(usize::from(id)) {
-                    Some(state) => Vcpu::restore(vm.fd(), state).map_err(BuildError::from),
+                    Some(state) => {
+                        let early = early_vcpus
+                            .get_mut(usize::from(state.id))
+                            .and_then(Option::take);
+                        match early {
+                            Some(fd) => Vcpu::restore_into(fd, state),
+                            None => Vcpu::restore(vm.fd(), state),
+                        }
+                        .map_err(BuildError::from)
+                    }
                     None => Err(RegistryError::Missing(format!("vcpu{id}")).into()),
                 })
                 .collect::<Result<Vec<_>, BuildError>>()?,

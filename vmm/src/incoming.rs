@@ -234,7 +234,7 @@ fn arrived(
     let Received {
         config,
         state,
-        ram,
+        prebuilt,
         peer,
         bytes,
     } = received;
@@ -243,7 +243,7 @@ fn arrived(
     let cfg = match checked {
         Ok(cfg) => cfg,
         Err(e) => {
-            ram.give_back();
+            drop(prebuilt);
             peer.refuse(&e.to_string());
             shared.migration.set(MigrationInfo {
                 status: MigrationStatus::Failed,
@@ -266,7 +266,7 @@ fn arrived(
     let loaded = Loaded {
         config,
         state,
-        memory: SavedMemory::Received(Cell::new(Some(ram))),
+        memory: SavedMemory::Prebuilt(Cell::new(Some(prebuilt))),
         peer: Some(peer),
     };
     Ok((Box::new(loaded), cfg))

@@ -383,12 +383,20 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
+    /// Creates vCPU `id` with nothing set up in it (for [`Vcpu::restore_into`]).
+    pub fn create(vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
+        vm.create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })
+    }
+
     /// Creates vCPU `state.id` and puts a saved state into it (instead of a boot setup).
     pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<Vcpu, VcpuError> {
+        Self::restore_into(Self::create(vm, state.id)?, state)
+    }
+
+    /// Puts a saved state into `fd`, vCPU `state.id` created earlier ([`Vcpu::create`]).
+    pub fn restore_into(fd: VcpuFd, state: &VcpuState) -> Result<Vcpu, VcpuError> {
         let id = state.id;
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| VcpuError::Create { id, source })?;
         crate::snapshot::cpu::restore_vcpu(&fd, state)
             .map_err(|source| VcpuError::Restore { id, source })?;
         crate::snapshot::cpu::notify_paused(&fd);

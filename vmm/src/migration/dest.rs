@@ -1,6 +1,7 @@
-//! The destination of a live migration: a thread that waits for the source, receives guest
-//! RAM straight into the RAM the VM will get, then the machine state, and hands everything to
-//! the VMM thread, which builds the VM and answers the source through the [`Peer`].
+//! The destination of a live migration: a thread that waits for the source, creates the VM
+//! (KVM VM, RAM, vCPUs) as soon as the stream says what it is, receives guest RAM straight
+//! into it, then the machine state, and hands everything to the VMM thread, which finishes the
+//! VM (state, devices) and answers the source through the [`Peer`].
 
 use std::io::{BufReader, Write};
 use std::path::Path;
@@ -16,8 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::wire::{self, Item, StreamReader};
 use super::{Conn, Listener};
+use crate::kvm::Hypervisor;
 use crate::snapshot::{self, MachineState};
-use crate::vm::GuestRam;
+use crate::vm::{GuestRam, Prebuilt};
 
 /// The source, waiting to hear whether the VM runs here.
 pub struct Peer(Conn);
@@ -41,8 +43,8 @@ pub struct Received {
     pub config: VmConfig,
     /// Its machine state.
     pub state: MachineState,
-    /// Its RAM, filled.
-    pub ram: GuestRam,
+    /// The VM made for it, its RAM filled.
+    pub prebuilt: Prebuilt,
     /// The source.
     pub peer: Peer,
     /// Bytes received.
@@ -190,13 +192,29 @@ fn receive(conn: Conn) -> Result<Received, String> {
         .map(|r| (GuestAddress(r.gpa), r.len as usize))
         .collect();
     let ram = GuestRam::take(&ranges).map_err(|e| format!("cannot map guest RAM: {e}"))?;
+    // The VM and its vCPUs are made now, while the pages arrive, rather than in the downtime.
+    let prebuilt = Hypervisor::open()
+        .map_err(|e| e.to_string())
+        .and_then(|hv| {
+            Prebuilt::new(&hv, ram, config.machine.vcpus)
+                .map_err(|e| format!("cannot create the VM: {e}"))
+        });
+    let prebuilt = match prebuilt {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = wire::send_answer(&mut { answer_to }, Err(&e));
+            return Err(e);
+        }
+    };
+    log::info!(
+        "migration: the VM was created, {:?} after the source connected",
+        started.elapsed()
+    );
     let result = (|| -> Result<(VmConfig, MachineState), String> {
-        let mem = ram
-            .guest_memory()
-            .map_err(|e| format!("cannot map guest RAM: {e}"))?;
+        let mem = prebuilt.vm.memory();
         let mut state_bytes = None;
         while let Some(item) = reader
-            .next(&mem)
+            .next(mem)
             .map_err(|e| format!("the migration stream: {e}"))?
         {
             match item {
@@ -222,13 +240,14 @@ fn receive(conn: Conn) -> Result<Received, String> {
             Ok(Received {
                 config,
                 state,
-                ram,
+                prebuilt,
                 peer: Peer(answer_to),
                 bytes: reader.bytes,
             })
         }
         Err(e) => {
-            ram.give_back();
+            // Dropping the VM gives its RAM back to the pool.
+            drop(prebuilt);
             let _ = wire::send_answer(&mut { answer_to }, Err(&e));
             Err(e)
         }

@@ -39,6 +39,15 @@ pub enum ToLoop {
     Finished(Result<MigrationInfo, Failure>),
 }
 
+/// The event loop's answer to [`ToLoop::Switchover`].
+#[derive(Debug)]
+pub struct Handover {
+    /// The machine state, serialised.
+    pub state: Vec<u8>,
+    /// When the vCPUs stopped: the downtime counts from here.
+    pub stopped: Instant,
+}
+
 /// Why a migration ended without completing.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -53,7 +62,7 @@ pub struct Outgoing {
     thread: Option<JoinHandle<()>>,
     cancel: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<Conn>>>,
-    state_tx: Sender<Result<Vec<u8>, String>>,
+    state_tx: Sender<Result<Handover, String>>,
     /// What the worker reports; `wake` is written with each message.
     pub rx: Receiver<ToLoop>,
 }
@@ -116,7 +125,7 @@ impl Outgoing {
 
     /// Answers [`ToLoop::Switchover`]: the machine state (serialised), or why it could not be
     /// taken.
-    pub fn send_state(&self, state: Result<Vec<u8>, String>) {
+    pub fn send_state(&self, state: Result<Handover, String>) {
         let _ = self.state_tx.send(state);
     }
 
@@ -159,7 +168,7 @@ struct Worker {
     cancel: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<Conn>>>,
     tx: Sender<ToLoop>,
-    state_rx: Receiver<Result<Vec<u8>, String>>,
+    state_rx: Receiver<Result<Handover, String>>,
     started: Instant,
     stats: Stats,
     last_progress: Instant,
@@ -295,8 +304,8 @@ impl Worker {
         }
         // The switchover: the event loop stops the VM and hands us its state.
         self.tell(ToLoop::Switchover);
-        let state = match self.state_rx.recv() {
-            Ok(Ok(s)) => s,
+        let Handover { state, stopped } = match self.state_rx.recv() {
+            Ok(Ok(h)) => h,
             Ok(Err(e)) => return Err(self.fail(e)),
             Err(_) => return Err(self.fail("the VM went away".into())),
         };
@@ -322,12 +331,17 @@ impl Worker {
         if let Err(reason) = answer {
             return Err(self.fail(format!("the destination refused the VM: {reason}")));
         }
+        // The destination starts the vCPUs as it answers: the guest was stopped this long.
+        let downtime = stopped.elapsed();
         log::info!(
-            "migration: the destination runs the VM, {:?} after the switchover",
+            "migration: the destination runs the VM, {:?} after the switchover, {downtime:?} \
+             after the vCPUs stopped",
             switched.elapsed()
         );
         let _ = log.stop();
-        Ok(self.info(MigrationStatus::Completed, w.bytes))
+        let mut info = self.info(MigrationStatus::Completed, w.bytes);
+        info.downtime_ms = Some(downtime.as_millis() as u64);
+        Ok(info)
     }
 
     fn params(&self) -> MigrationParameters {

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Control, PAUSE_TIMEOUT};
 use crate::lock;
 use crate::migration::dirty::PageBitmap;
-use crate::migration::source::{Failure, Job, Outgoing, ToLoop};
+use crate::migration::source::{Failure, Handover, Job, Outgoing, ToLoop};
 use crate::snapshot::MachineState;
 use crate::VmmError;
 use virtio::dirty_log::VhostLog;
@@ -280,7 +280,7 @@ impl Control {
     }
 
     /// Stops the VM, hands the disks over and serialises its state for the worker.
-    fn switchover(&mut self) -> Result<Vec<u8>, String> {
+    fn switchover(&mut self) -> Result<Handover, String> {
         let was_running = self.state.get() == VmState::Running;
         let t0 = Instant::now();
         self.outgoing.switched = Some((t0, was_running));
@@ -299,7 +299,7 @@ impl Control {
             state.len(),
             t0.elapsed()
         );
-        Ok(state)
+        Ok(Handover { state, stopped: t0 })
     }
 
     /// Takes the disks back after a hand-over and lets the devices run again.
@@ -328,7 +328,6 @@ impl Control {
         let switched = self.outgoing.switched.take();
         match result {
             Ok(mut info) => {
-                info.downtime_ms = switched.map(|(at, _)| at.elapsed().as_millis() as u64);
                 info.expected_downtime_ms = None;
                 self.state.set(VmState::PostMigrate);
                 self.migration.set(info);

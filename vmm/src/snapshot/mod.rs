@@ -119,8 +119,10 @@ pub enum SavedMemory {
         /// Where guest RAM is in it.
         layout: MemoryLayout,
     },
-    /// Already in guest RAM (a live migration filled it); taken by the VM that is built.
+    /// Already in guest RAM (`loadvm` read it there); taken by the VM that is built.
     Received(std::cell::Cell<Option<crate::vm::GuestRam>>),
+    /// In the RAM of a VM built while it arrived (a live migration's); taken whole.
+    Prebuilt(std::cell::Cell<Option<crate::vm::Prebuilt>>),
 }
 
 /// Reads and checks a state file: header, checksums, configuration, state, memory layout and
