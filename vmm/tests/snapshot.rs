@@ -205,7 +205,7 @@ fn restored_guest_goes_on_counting_and_bad_files_are_refused() {
     flipped[200] ^= 0x01;
     refused("flipped", &flipped, &[], "checksum");
     let mut newer = bytes.clone();
-    newer[12..16].copy_from_slice(&2u32.to_le_bytes());
+    newer[12..16].copy_from_slice(&99u32.to_le_bytes());
     let crc = crc32fast::hash(&newer[..20]);
     newer[20..24].copy_from_slice(&crc.to_le_bytes());
     refused("newer", &newer, &[], "newer");

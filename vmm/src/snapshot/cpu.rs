@@ -53,24 +53,34 @@ pub struct VcpuState {
     /// vCPU index (APIC id).
     pub id: u8,
     /// CPUID as set on the vCPU.
+    #[serde(with = "super::hex::vec")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Multiprocessing state (runnable, halted, waiting for SIPI...).
+    #[serde(with = "super::hex")]
     pub mp_state: kvm_mp_state,
     /// General-purpose registers.
+    #[serde(with = "super::hex")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
+    #[serde(with = "super::hex")]
     pub sregs: kvm_sregs,
     /// FPU/SSE/AVX state.
+    #[serde(with = "super::hex")]
     pub xsave: kvm_xsave,
     /// Extended control registers.
+    #[serde(with = "super::hex")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(with = "super::hex")]
     pub debug_regs: kvm_debugregs,
     /// The local APIC.
+    #[serde(with = "super::hex")]
     pub lapic: kvm_lapic_state,
     /// Every MSR KVM lists as saveable and could read.
+    #[serde(with = "super::hex::vec")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, SMIs.
+    #[serde(with = "super::hex")]
     pub events: kvm_vcpu_events,
     /// TSC frequency in kHz, when KVM reports it.
     pub tsc_khz: Option<u32>,
@@ -237,14 +247,19 @@ pub fn notify_paused(fd: &VcpuFd) {
 #[derive(Serialize, Deserialize)]
 pub struct VmKvmState {
     /// The master PIC.
+    #[serde(with = "super::hex")]
     pub pic_master: kvm_irqchip,
     /// The slave PIC.
+    #[serde(with = "super::hex")]
     pub pic_slave: kvm_irqchip,
     /// The IOAPIC.
+    #[serde(with = "super::hex")]
     pub ioapic: kvm_irqchip,
     /// The PIT.
+    #[serde(with = "super::hex")]
     pub pit: kvm_pit_state2,
     /// The KVM clock (the guest's notion of elapsed time).
+    #[serde(with = "super::hex")]
     pub clock: kvm_clock_data,
 }
 

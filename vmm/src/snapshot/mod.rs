@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod format;
+mod hex;
 pub mod memory;
 
 use std::collections::BTreeMap;

@@ -26,7 +26,7 @@ use virtio::GuestMemoryMmap;
 /// transfers that mangle binary data, as PNG's signature does.
 pub const MAGIC: [u8; 12] = *b"\x89VMSTATE\r\n\x1a\n";
 /// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Guest pages as the stream stores them.
 pub const PAGE_SIZE: u64 = 4096;
 /// The largest `CONF`, `STAT`, `MEMD` or `PAD_` payload accepted (allocation bound).

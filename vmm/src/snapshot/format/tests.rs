@@ -124,10 +124,19 @@ fn with_header(version: u32, flags: u32) -> Vec<u8> {
 
 #[test]
 fn newer_versions_and_foreign_files_are_refused_clearly() {
-    let b = with_header(2, 0);
+    let newer = FORMAT_VERSION + 1;
+    let b = with_header(newer, 0);
     let e = parse(&mut Cursor::new(&b), b.len() as u64).unwrap_err();
-    assert!(matches!(e, FormatError::NewerVersion { found: 2 }));
+    assert!(matches!(e, FormatError::NewerVersion { found } if found == newer));
     assert!(e.to_string().contains("newer"), "{e}");
+    // Every older version is still read.
+    for older in 1..FORMAT_VERSION {
+        let b = with_header(older, 0);
+        assert!(
+            parse(&mut Cursor::new(&b), b.len() as u64).is_ok(),
+            "version {older}"
+        );
+    }
     let b = with_header(1, 1);
     assert!(matches!(
         parse(&mut Cursor::new(&b), b.len() as u64),
