@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import ctypes
 import functools
 import json
@@ -789,10 +790,35 @@ def retry_on_flake(fn):
 FLAKE_RETRIES = 3
 
 
+# A kvm_exit trace line (L2Error's diagnostics hold a second of them for a VMM still running).
+KVM_NPF_EXIT = re.compile(r"kvm_exit: vcpu (\d+) reason npf rip (0x[0-9a-f]+) info1 0x[0-9a-f]+ "
+                          r"info2 (0x[0-9a-f]+) intr_info (0x[0-9a-f]+)")
+# Injecting a page fault (vector 14, hardware exception with an error code).
+PF_INJECTION = 0x80000b0e
+
+
+def npf_loop(text: str) -> str | None:
+    """The nested box's NPF loop, if `text` (diagnostics) shows one: an L2 vCPU that takes the
+    same nested page fault over and over, at a guest-physical address above 4 GiB (none of the
+    scenarios' guests has RAM there), while the CPU delivers a #PF to the guest. Seen during an
+    L2's SMP bring-up with our VMM and with QEMU as L2 alike (the L1 console logs of QEMU
+    baseline runs, 2026-12-02): the SVM emulation's, not the VMM's."""
+    hits = [m.groups() for m in KVM_NPF_EXIT.finditer(text)]
+    looping = collections.Counter(h for h in hits
+                                  if int(h[3], 16) == PF_INJECTION and int(h[2], 16) >= 1 << 32)
+    if not looping or looping.most_common(1)[0][1] < 10:
+        return None
+    vcpu, rip, gpa, _ = looping.most_common(1)[0][0]
+    return (f"L2 vCPU {vcpu} loops on a nested page fault at {gpa} (rip {rip}) while a #PF is "
+            f"delivered (nested SVM under TCG)")
+
+
 def flake_reason(e: BaseException, box: "Box | None") -> str | None:
     """Why `e` is the nested box's own trouble (see retry_on_flake), or None if it is not."""
     if isinstance(e, BootStall):
         return str(e).splitlines()[0]
+    if isinstance(e, L2Error) and (loop := npf_loop(str(e))):
+        return loop
     if isinstance(e, L2Error) and "the guest triple-faulted" in str(e):
         # The same nested-SVM fault makes QEMU as L2 reset the guest ("early L2 reset" in the
         # README); our vmm stops with this error instead. A real bug fails the retries too.
