@@ -538,7 +538,7 @@ def test_bad_state_files_are_refused(box, vms, up_regex):
     head = read_bytes(box, snap, 0, 40)
     assert head[:12] == b"\x89VMSTATE\r\n\x1a\n", head
     version, flags, hcrc = struct.unpack("<III", head[12:24])
-    assert (version, flags, hcrc) == (1, 0, zlib.crc32(head[:20])), (version, flags, hcrc)
+    assert (version, flags, hcrc) == (2, 0, zlib.crc32(head[:20])), (version, flags, hcrc)
     assert head[24:28] == b"CONF", head
     conf_len = struct.unpack("<Q", head[28:36])[0]
     stat_hdr = read_bytes(box, snap, 40 + conf_len, 16)
@@ -551,9 +551,9 @@ def test_bad_state_files_are_refused(box, vms, up_regex):
         box.check(f"dd if=/tmp/snap-bad.head of={snap} conv=notrunc 2>/dev/null")
 
     # A newer format version, with a correct header crc: "use a newer vmm".
-    newer = head[:12] + struct.pack("<II", 2, 0)
-    write_bytes(box, snap, 12, struct.pack("<I", 2) + head[16:20] + struct.pack("<I", zlib.crc32(newer)))
-    refused(box, run, "newer", "version 2", snap)
+    newer = head[:12] + struct.pack("<II", 3, 0)
+    write_bytes(box, snap, 12, struct.pack("<I", 3) + head[16:20] + struct.pack("<I", zlib.crc32(newer)))
+    refused(box, run, "newer", "version 3", snap)
     put_back()
 
     # One flipped byte: in the header's magic, in its version field, in CONF, in STAT.

@@ -112,6 +112,11 @@ impl Migration {
 
     /// A round of a live migration began (QMP `MIGRATION_PASS`, with `events` on).
     pub fn pass(&self, pass: u64) {
+        // query-migrate agrees with the event from the moment it is sent (the worker's next
+        // progress report comes a little later).
+        if let Some(ram) = self.info.borrow_mut().ram.as_mut() {
+            ram.dirty_sync_count = ram.dirty_sync_count.max(pass);
+        }
         if self.events.get() {
             self.bus.publish(VmEvent::MigrationPass(pass));
         }

@@ -62,7 +62,9 @@ pub struct Outgoing {
     thread: Option<JoinHandle<()>>,
     cancel: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<Conn>>>,
-    state_tx: Sender<Result<Handover, String>>,
+    to_worker: Sender<Result<Handover, String>>,
+    /// The worker's answer to a [`Handover`]: every page it sends was read.
+    pages_read: Receiver<Result<(), String>>,
     /// What the worker reports; `wake` is written with each message.
     pub rx: Receiver<ToLoop>,
 }
@@ -91,13 +93,15 @@ impl Outgoing {
         let cancel = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
         let (tx, rx) = channel();
-        let (state_tx, state_rx) = channel();
+        let (to_worker, from_loop) = channel();
+        let (pages_read_tx, pages_read) = channel();
         let worker = Worker {
             job,
             cancel: cancel.clone(),
             conn: conn.clone(),
             tx,
-            state_rx,
+            from_loop,
+            pages_read: pages_read_tx,
             started: Instant::now(),
             stats: Stats::default(),
             last_progress: Instant::now(),
@@ -110,7 +114,8 @@ impl Outgoing {
             thread: Some(thread),
             cancel,
             conn,
-            state_tx,
+            to_worker,
+            pages_read,
             rx,
         })
     }
@@ -123,10 +128,24 @@ impl Outgoing {
         }
     }
 
-    /// Answers [`ToLoop::Switchover`]: the machine state (serialised), or why it could not be
-    /// taken.
-    pub fn send_state(&self, state: Result<Handover, String>) {
-        let _ = self.state_tx.send(state);
+    /// Answers [`ToLoop::Switchover`] with the stopped VM's state. Returns once the worker has
+    /// taken the last dirty pages and read every one it sends (or why it could not): the VM's
+    /// devices must not write guest memory until then, or the destination would get memory
+    /// that the state does not describe. The event loop waits that long, as QEMU's holds its
+    /// big lock through the completion; a destination that stops reading fails the wait after
+    /// [`super::STALL_TIMEOUT`].
+    pub fn send_state(&self, handover: Handover) -> Result<(), String> {
+        self.to_worker
+            .send(Ok(handover))
+            .map_err(|_| "the migration worker is gone".to_string())?;
+        self.pages_read
+            .recv()
+            .unwrap_or_else(|_| Err("the migration worker ended".into()))
+    }
+
+    /// Answers [`ToLoop::Switchover`] with why the VM could not be stopped or its state taken.
+    pub fn abort_switchover(&self, reason: String) {
+        let _ = self.to_worker.send(Err(reason));
     }
 
     /// Waits for the worker to end (after [`ToLoop::Finished`] or [`Outgoing::cancel`]).
@@ -141,7 +160,7 @@ impl Drop for Outgoing {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.cancel();
-            self.send_state(Err("the migration was dropped".into()));
+            self.abort_switchover("the migration was dropped".into());
             let _ = t.join();
         }
     }
@@ -168,7 +187,8 @@ struct Worker {
     cancel: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<Conn>>>,
     tx: Sender<ToLoop>,
-    state_rx: Receiver<Result<Handover, String>>,
+    from_loop: Receiver<Result<Handover, String>>,
+    pages_read: Sender<Result<(), String>>,
     started: Instant,
     stats: Stats,
     last_progress: Instant,
@@ -302,19 +322,26 @@ impl Worker {
                 return Err(self.fail(String::new()));
             }
         }
-        // The switchover: the event loop stops the VM and hands us its state.
+        // The switchover: the event loop stops the VM, hands us its state and waits while we
+        // take the last dirty pages and read them into the stream.
         self.tell(ToLoop::Switchover);
-        let Handover { state, stopped } = match self.state_rx.recv() {
+        let Handover { state, stopped } = match self.from_loop.recv() {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => return Err(self.fail(e)),
             Err(_) => return Err(self.fail("the VM went away".into())),
         };
         let before = w.bytes;
         let switched = Instant::now();
-        let last = self.harvest(&log)?;
-        dirty::merge(&mut dirty, &last);
-        self.stats.remaining = dirty::count(&dirty);
-        self.send(&mut w, &dirty, None)?;
+        let sent = self.harvest(&log).and_then(|last| {
+            dirty::merge(&mut dirty, &last);
+            self.stats.remaining = dirty::count(&dirty);
+            self.send(&mut w, &dirty, None)
+        });
+        let _ = self.pages_read.send(match &sent {
+            Ok(()) => Ok(()),
+            Err(f) => Err(f.reason.clone()),
+        });
+        sent?;
         w.finish(&state).map_err(|e| self.fail(io(e)))?;
         self.stats.downtime_bytes = w.bytes - before;
         self.stats.remaining = 0;

@@ -269,9 +269,11 @@ impl Control {
                 }
                 ToLoop::Pass(n) => self.migration.pass(n),
                 ToLoop::Switchover => {
-                    let state = self.switchover();
-                    if let Some(o) = &self.outgoing.running {
-                        o.send_state(state);
+                    if let Err(e) = self.switchover() {
+                        // The worker reports the failure (ToLoop::Finished).
+                        if let Some(o) = &self.outgoing.running {
+                            o.abort_switchover(e);
+                        }
                     }
                 }
                 ToLoop::Finished(result) => self.end_migration(result),
@@ -279,8 +281,9 @@ impl Control {
         }
     }
 
-    /// Stops the VM, hands the disks over and serialises its state for the worker.
-    fn switchover(&mut self) -> Result<Handover, String> {
+    /// Stops the VM, hands the disks over and gives the worker the serialised state; returns
+    /// once the worker has read the last dirty pages (see [`Outgoing::send_state`]).
+    fn switchover(&mut self) -> Result<(), String> {
         let was_running = self.state.get() == VmState::Running;
         let t0 = Instant::now();
         self.outgoing.switched = Some((t0, was_running));
@@ -299,7 +302,14 @@ impl Control {
             state.len(),
             t0.elapsed()
         );
-        Ok(Handover { state, stopped: t0 })
+        // Nothing has written guest memory since the VM stopped (the vCPUs and vhost are
+        // stopped, and this loop ran no device): the worker's last harvest, made now, holds
+        // every write the state depends on, and nothing may write until it has read them.
+        let handover = Handover { state, stopped: t0 };
+        match &self.outgoing.running {
+            Some(o) => o.send_state(handover),
+            None => Err("the migration ended".into()),
+        }
     }
 
     /// Takes the disks back after a hand-over and lets the devices run again.
@@ -373,7 +383,7 @@ impl Control {
         if let Some(o) = self.outgoing.running.take() {
             o.cancel();
             // A worker waiting for the switchover's state must not wait for a VM that is gone.
-            o.send_state(Err("the VM was reset or shut down".into()));
+            o.abort_switchover("the VM was reset or shut down".into());
             o.join();
             self.stop_vhost_log();
             self.migration.set(MigrationInfo {
