@@ -8,7 +8,8 @@ NICs on two bridges; the network works again after a guest reboot; two queue pai
 multiqueue tap both carry traffic; and a NIC survives a snapshot and a restore into a new VMM
 process, which opens the tap again and runs the script, the guest's addresses intact (with
 vhost-net too: its rings stop for the save, run again on the source, and start at the saved
-positions in the new process).
+positions in the new process); and a guest downloading over its NIC migrates live to another
+process on its own tap, every download intact (vhost-net's dirty log in use).
 """
 
 from __future__ import annotations
@@ -323,6 +324,65 @@ def test_network_survives_snapshot_and_restore(box, vms, up_regex, vhost):
     r.send("poweroff")
     assert r.wait_exit(60) == 0
     box.run(f"rm -f {state}")
+
+
+NETLOOP = ("(i=0; while [ ! -e /tmp/stopnet ]; do wget -q -O /tmp/b http://10.0.3.1:8081/blob "
+           "&& md5sum /tmp/b | sed 's/^/GOT /'; rm -f /tmp/b; i=$((i+1)); done; "
+           "echo NETLOOP-END $i) &")
+
+
+@pytest.mark.parametrize("vhost", [False, True], ids=["userspace", "vhost"])
+@tb.retry_on_flake
+def test_network_survives_live_migration(box, vms, up_regex, vhost):
+    """A guest downloading over its NIC, again and again, moves to another vmm process in the
+    same L1. The destination takes its own tap on the same bridge (`--net`, as QEMU's
+    destination takes its own -netdev), and every download, before, across and after the
+    switchover, has the right checksum: the frames our device (userspace) or the kernel
+    (vhost-net, through its dirty log) wrote into guest memory while it was being sent all
+    arrived."""
+    bridges(box)
+    sock, api2 = "/tmp/mig-net.sock", "/tmp/vmm-net-api2.sock"
+    want = md5(box.check(f"rm -f {sock} {api2}; mkdir -p /tmp/www && dd if=/dev/urandom "
+                         f"of=/tmp/www/blob bs=1M count=16 2>/dev/null && md5sum /tmp/www/blob"))
+    # Started once per L1 (the next run finds it serving the new blob).
+    box.check("busybox httpd -p 8081 -h /tmp/www 2>/dev/null; echo SERVING")
+    a = start(vms, [nic("net0", "tapm0", vhost=vhost)], memory_mib=256)
+    boot_to_shell(a, up_regex)
+    guest_ip(a, "eth0", "10.0.3.2")
+    wait_carrier(a, "eth0", "1")
+    a.send(NETLOOP)
+    a.wait_for(r"^GOT [0-9a-f]{32}", 120, count=2)
+
+    backend = f"id=net0,tap=tapm1,vhost={'on' if vhost else 'off'},script={IFUP},downscript={IFDOWN}"
+    b = vms.start(argv=["vmm", "--incoming", f"unix:{sock}", "--api-socket", api2,
+                        "--net", backend])
+    box.check(f"i=0; while [ ! -S {sock} ] && [ $i -lt 600 ]; do usleep 100000; i=$((i+1)); done; "
+              f"[ -S {sock} ]")
+    status, out = box.run(f"vmm ctl --api-socket {API} migrate unix:{sock} --wait", timeout=600)
+    assert status == 0, out
+    # The source is done (postmigrate) and goes on `quit`; its tap goes with it.
+    status, out = box.run(f"vmm ctl --api-socket {API} shutdown", timeout=60)
+    assert status == 0, out
+    assert a.wait_exit(60) == 0
+    assert box.run("[ -e /sys/class/net/tapm0 ]")[0] != 0, "the source's tap outlived it"
+    assert "tapm1" in box.check("ls /sys/class/net/br0/brif")
+
+    # Downloads go on at the destination; then the loop stops and every checksum is compared.
+    got_before = len(re.findall(r"^GOT ", b.log(), re.M))
+    b.wait_for(r"^GOT [0-9a-f]{32}", 180, count=got_before + 2)
+    b.send("touch /tmp/stopnet")
+    b.wait_for(r"NETLOOP-END \d+", 180)
+    sums = re.findall(r"^GOT ([0-9a-f]{32})", a.log() + b.log(), re.M)
+    tb.log(f"live migration with a {'vhost' if vhost else 'userspace'} NIC: {len(sums)} downloads")
+    assert sums and all(x == want for x in sums), (want, sums)
+    status, out = box.run(f"vmm ctl --api-socket {api2} info", timeout=60)
+    assert status == 0, out
+    info = json.loads(out[out.index("{"):])["nics"][0]
+    assert (info["id"], info["tap"], info["vhost"]) == ("net0", "tapm1", vhost), info
+    assert ping_ok(l1_ping(box, "10.0.3.2"))
+    b.send("poweroff")
+    assert b.wait_exit(60) == 0
+    box.run(f"rm -f /tmp/www/blob {sock}")
 
 
 def l1_seconds(box: tb.Box) -> float:

@@ -183,6 +183,10 @@ pub struct Constraints {
     pub memory_mib: Option<u64>,
     /// Disks, from the config file and --disk.
     pub disks: Option<Vec<DiskConfig>>,
+    /// NICs, from the config file and --net: what the guest sees must agree; the host side
+    /// (tap, vhost, scripts, rate limits) is this process's, as QEMU's destination takes its
+    /// own -netdev (a migration within one host needs another tap).
+    pub nets: Option<Vec<NetConfig>>,
 }
 
 /// What to run: a VM to boot, or one to restore.
@@ -238,6 +242,14 @@ impl Cli {
                 on_reboot_given,
             });
         };
+        if self.kernel.is_some() || self.initrd.is_some() || self.cmdline.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "boot",
+                reason: "--kernel, --initrd and --cmdline cannot be given with --incoming: the \
+                         saved VM's memory holds its running kernel"
+                    .into(),
+            });
+        }
         if self.console.is_some()
             || !self.channel.is_empty()
             || self.agent
@@ -258,6 +270,10 @@ impl Cli {
             vcpus: file.as_ref().map(|c| c.machine.vcpus),
             memory_mib: file.as_ref().map(|c| c.machine.memory_mib),
             disks: file.as_ref().map(|c| c.disks.clone()),
+            nets: file
+                .as_ref()
+                .map(|c| c.net.clone())
+                .filter(|n| !n.is_empty()),
         };
         if let Some(n) = self.cpus {
             constraints.vcpus = Some(n);
@@ -270,6 +286,20 @@ impl Cli {
                 .disks
                 .get_or_insert_with(Vec::new)
                 .extend(self.disk.iter().cloned());
+        }
+        if !self.net.is_empty() {
+            constraints
+                .nets
+                .get_or_insert_with(Vec::new)
+                .extend(self.net.iter().cloned());
+        }
+        if let Some(nets) = &constraints.nets {
+            // Checked as they would be for a boot (names, queue counts, rate limits).
+            let only_nets = VmConfig {
+                net: nets.clone(),
+                ..VmConfig::default()
+            };
+            only_nets.validate_restored(host_memory_mib)?;
         }
         let mut doors = file.unwrap_or_default();
         if let Some(s) = self.serial {
@@ -388,6 +418,41 @@ mod tests {
             }
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn incoming_takes_nics_as_constraints_and_refuses_a_kernel() {
+        let launch = cli(&[
+            "--incoming",
+            "tcp:0:4444",
+            "--net",
+            "id=net0,tap=tapb,vhost=on,script=no",
+        ])
+        .into_launch(None)
+        .unwrap();
+        let nets = launch.constraints.nets.unwrap();
+        assert_eq!(nets.len(), 1);
+        assert_eq!(
+            (nets[0].tap.as_deref(), nets[0].vhost),
+            (Some("tapb"), true)
+        );
+        assert!(cli(&["--incoming", "defer"])
+            .into_launch(None)
+            .unwrap()
+            .constraints
+            .nets
+            .is_none());
+        for flag in ["--kernel", "--initrd", "--cmdline"] {
+            let e = cli(&["--incoming", "defer", flag, "x"])
+                .into_launch(None)
+                .unwrap_err();
+            assert!(e.to_string().contains("--incoming"), "{flag}: {e}");
+        }
+        // A --net that would not boot is refused here too.
+        let e = cli(&["--incoming", "defer", "--net", "tap=t,queues=99"])
+            .into_launch(None)
+            .unwrap_err();
+        assert!(e.to_string().contains("queue"), "{e}");
     }
 
     #[test]

@@ -378,6 +378,7 @@ impl Control {
                 vcpus: Some(cfg.machine.vcpus),
                 memory_mib: Some(cfg.machine.memory_mib),
                 disks: Some(cfg.disks.clone()),
+                nets: Some(cfg.net.clone()),
             };
             snapshot::merge_config(&saved, &cfg, &constraints, false).map_err(|e| fail(&e))?;
             let ranges: Vec<(GuestAddress, usize)> = parsed

@@ -286,6 +286,9 @@ pub fn merge_config(
         }
     }
     let mut cfg = saved.clone();
+    if let Some(nets) = &constraints.nets {
+        take_host_nics(&mut cfg, nets)?;
+    }
     cfg.serial = doors.serial.clone();
     cfg.api_socket = doors.api_socket.clone();
     cfg.qmp = doors.qmp.clone();
@@ -293,6 +296,52 @@ pub fn merge_config(
         cfg.on_reboot = doors.on_reboot;
     }
     Ok(cfg)
+}
+
+/// The NICs `given` for a restored VM (the destination's --net or config): what the guest
+/// sees (id, MAC, queue pairs, MTU) must be the saved VM's where it is given; the host side
+/// (tap, vhost, scripts, rate limits) replaces the saved one.
+fn take_host_nics(cfg: &mut VmConfig, given: &[api::NetConfig]) -> Result<(), SnapshotError> {
+    if given.len() != cfg.net.len() {
+        return Err(SnapshotError::Mismatch(format!(
+            "the saved VM has {} NICs, the configuration has {}",
+            cfg.net.len(),
+            given.len()
+        )));
+    }
+    for (i, g) in given.iter().enumerate() {
+        let id = cfg.net_id(i);
+        let saved = &mut cfg.net[i];
+        let differs = |what: &str, saved: &dyn std::fmt::Debug, given: &dyn std::fmt::Debug| {
+            SnapshotError::Mismatch(format!(
+                "NIC {i} (`{id}`): the saved VM's {what} is {saved:?}, the configuration says \
+                 {given:?}"
+            ))
+        };
+        if let Some(gid) = &g.id {
+            if *gid != id {
+                return Err(differs("id", &id, gid));
+            }
+        }
+        if let (Some(gm), Some(sm)) = (&g.mac, &saved.mac) {
+            if !gm.eq_ignore_ascii_case(sm) {
+                return Err(differs("MAC address", sm, gm));
+            }
+        }
+        if g.queues != saved.queues {
+            return Err(differs("queue pair count", &saved.queues, &g.queues));
+        }
+        if g.mtu.is_some() && g.mtu != saved.mtu {
+            return Err(differs("MTU", &saved.mtu, &g.mtu));
+        }
+        saved.tap = g.tap.clone();
+        saved.vhost = g.vhost;
+        saved.script = g.script.clone();
+        saved.downscript = g.downscript.clone();
+        saved.rx_rate_limiter = g.rx_rate_limiter;
+        saved.tx_rate_limiter = g.tx_rate_limiter;
+    }
+    Ok(())
 }
 
 /// Checks that every disk image of a restored VM is there, before anything is started.
@@ -355,4 +404,76 @@ pub fn save_to_file(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved() -> VmConfig {
+        VmConfig {
+            net: vec![
+                "id=lan,tap=tap0,mac=52:54:00:00:00:01,vhost=on,queues=2,script=no"
+                    .parse()
+                    .unwrap(),
+                "tap=tap9,mac=52:54:00:00:00:02".parse().unwrap(),
+            ],
+            ..VmConfig::default()
+        }
+    }
+
+    fn merged(nets: &[&str]) -> Result<VmConfig, SnapshotError> {
+        let constraints = Constraints {
+            nets: Some(nets.iter().map(|n| n.parse().unwrap()).collect()),
+            ..Default::default()
+        };
+        merge_config(&saved(), &VmConfig::default(), &constraints, false)
+    }
+
+    #[test]
+    fn the_destination_gives_the_nics_their_host_side() {
+        let c = merged(&[
+            "tap=tapx,queues=2",
+            "id=net1,tap=tapy,mac=52:54:00:00:00:02,vhost=on",
+        ])
+        .unwrap();
+        // What the guest sees is the saved VM's; the taps and vhost are ours.
+        assert_eq!(c.net_id(0), "lan");
+        assert_eq!(c.net[0].mac.as_deref(), Some("52:54:00:00:00:01"));
+        assert_eq!(
+            (c.net[0].tap.as_deref(), c.net[0].vhost),
+            (Some("tapx"), false)
+        );
+        assert_eq!(c.net[0].queues, 2);
+        assert_eq!(
+            (c.net[1].tap.as_deref(), c.net[1].vhost),
+            (Some("tapy"), true)
+        );
+        // Without --net the saved host side stays.
+        let c = merge_config(
+            &saved(),
+            &VmConfig::default(),
+            &Constraints::default(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.net[1].tap.as_deref(), Some("tap9"));
+    }
+
+    #[test]
+    fn nics_the_guest_would_see_differently_are_refused() {
+        for (nets, want) in [
+            (&["tap=a,queues=2"][..], "2 NICs"),
+            (&["id=wan,tap=a,queues=2", "tap=b"][..], "id"),
+            (
+                &["tap=a,queues=2,mac=52:54:00:00:00:09", "tap=b"][..],
+                "MAC",
+            ),
+            (&["tap=a", "tap=b"][..], "queue"),
+            (&["tap=a,queues=2,mtu=9000", "tap=b"][..], "MTU"),
+        ] {
+            let e = merged(nets).unwrap_err().to_string();
+            assert!(e.contains(want), "{nets:?}: {e}");
+        }
+    }
 }
