@@ -206,8 +206,10 @@ fn receive(conn: Conn) -> Result<Received, String> {
             return Err(e);
         }
     };
+    snapshot::warm_up_decoder(config.machine.vcpus);
     log::info!(
-        "migration: the VM was created, {:?} after the source connected",
+        "migration: the VM was created and the state decoder run once, {:?} after the \
+         source connected",
         started.elapsed()
     );
     let result = (|| -> Result<(VmConfig, MachineState), String> {

@@ -48,7 +48,7 @@ fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> CpuStateError {
 }
 
 /// One vCPU's architectural state.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct VcpuState {
     /// vCPU index (APIC id).
     pub id: u8,
@@ -244,7 +244,7 @@ pub fn notify_paused(fd: &VcpuFd) {
 }
 
 /// The VM-wide in-kernel state.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct VmKvmState {
     /// The master PIC.
     #[serde(with = "super::hex")]
