@@ -171,15 +171,9 @@ fn receive(conn: Conn) -> Result<Received, String> {
     let reader = BufReader::with_capacity(1 << 20, conn);
     let (mut reader, config_bytes, regions) =
         StreamReader::open(reader).map_err(|e| format!("the migration stream: {e}"))?;
-    // The configuration comes first: it says how much RAM to prepare.
-    let text = std::str::from_utf8(&config_bytes)
-        .map_err(|_| "the migration stream: the VM configuration is not UTF-8".to_string())?;
-    let config = VmConfig::from_json(text, name)
-        .map_err(|e| format!("the migration stream: the VM configuration is invalid: {e}"))?;
-    // Checked before its memory size is trusted to map RAM.
-    config
-        .validate_restored(None)
-        .map_err(|e| format!("the migration stream: the VM configuration is invalid: {e}"))?;
+    // The configuration comes first: it says how much RAM to prepare (checked before its
+    // memory size is trusted to map any).
+    let config = snapshot::decode_config(name, &config_bytes).map_err(|e| e.to_string())?;
     let layout = crate::snapshot::format::MemoryLayout {
         regions: regions.clone(),
         data_offset: 0,
@@ -212,7 +206,7 @@ fn receive(conn: Conn) -> Result<Received, String> {
          source connected",
         started.elapsed()
     );
-    let result = (|| -> Result<(VmConfig, MachineState), String> {
+    let result = (|| -> Result<MachineState, String> {
         let mem = prebuilt.vm.memory();
         let mut state_bytes = None;
         while let Some(item) = reader
@@ -228,12 +222,10 @@ fn receive(conn: Conn) -> Result<Received, String> {
         }
         let state_bytes =
             state_bytes.ok_or_else(|| "the migration stream has no machine state".to_string())?;
-        let (config, state) =
-            snapshot::decode(name, &config_bytes, &state_bytes).map_err(|e| e.to_string())?;
-        Ok((config, state))
+        snapshot::decode_state(name, &config, &state_bytes).map_err(|e| e.to_string())
     })();
     match result {
-        Ok((config, state)) => {
+        Ok(state) => {
             log::info!(
                 "migration: received {} bytes in {:?}",
                 reader.bytes,

@@ -203,28 +203,36 @@ pub fn decode(
     config: &[u8],
     state: &[u8],
 ) -> Result<(VmConfig, MachineState), SnapshotError> {
-    let text = std::str::from_utf8(config).map_err(|_| SnapshotError::Config {
+    let config = decode_config(path, config)?;
+    let state = decode_state(path, &config, state)?;
+    Ok((config, state))
+}
+
+/// Parses and checks the configuration section (as `vm.json` is checked, less the boot files).
+pub fn decode_config(path: &Path, config: &[u8]) -> Result<VmConfig, SnapshotError> {
+    let invalid = |reason: String| SnapshotError::Config {
         path: path.to_path_buf(),
-        reason: "not UTF-8".into(),
-    })?;
-    let config = VmConfig::from_json(text, path).map_err(|e| SnapshotError::Config {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let text = std::str::from_utf8(config).map_err(|_| invalid("not UTF-8".into()))?;
+    let config = VmConfig::from_json(text, path).map_err(|e| invalid(e.to_string()))?;
     config
         .validate_restored(None)
-        .map_err(|e| SnapshotError::Config {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    let state: MachineState = serde_json::from_slice(state).map_err(|e| SnapshotError::State {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(config)
+}
+
+/// Parses the state section and checks it against its (decoded) configuration.
+pub fn decode_state(
+    path: &Path,
+    config: &VmConfig,
+    state: &[u8],
+) -> Result<MachineState, SnapshotError> {
     let bad = |reason: String| SnapshotError::State {
         path: path.to_path_buf(),
         reason,
     };
+    let state: MachineState = serde_json::from_slice(state).map_err(|e| bad(e.to_string()))?;
     if state.vcpus.len() != usize::from(config.machine.vcpus) {
         return Err(bad(format!(
             "{} vCPU states for {} vCPUs",
@@ -235,7 +243,7 @@ pub fn decode(
     for (i, v) in state.vcpus.iter().enumerate() {
         cpu::validate_vcpu(v, i as u8).map_err(|e| bad(e.to_string()))?;
     }
-    Ok((config, state))
+    Ok(state)
 }
 
 /// Runs the state decoder once, on a synthetic state of `vcpus` vCPUs. A live migration's
