@@ -322,8 +322,8 @@ impl<R: Read> StreamReader<R> {
                     .get_slice(GuestAddress(gpa), bytes as usize)
                     .map_err(|e| bad(format!("guest memory: {e}")))?;
                 // SAFETY: the slice is `bytes` of guest RAM that `get_slice` checked lies in one
-                // mapped region; the VM that will use it is not built yet, so nothing else
-                // reads or writes it while this reference lives.
+                // mapped region; no vCPU of the VM that will use it runs yet and its devices
+                // are not built, so nothing else reads or writes it while this reference lives.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), bytes as usize)
                 };
@@ -362,8 +362,9 @@ fn zero_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), FormatErr
         .get_host_address(vm_memory::MemoryRegionAddress(offset))
         .map_err(|e| bad(format!("guest memory: {e}")))?;
     // SAFETY: [host, host + len) is guest RAM of a VM that does not run yet (the destination
-    // fills it before building the VM); nothing holds a reference into it. On private anonymous
-    // memory MADV_DONTNEED makes the range read as zeros.
+    // fills it before any vCPU or device of the VM exists to use it); nothing holds a reference
+    // into it. On private anonymous memory MADV_DONTNEED makes the range read as zeros (KVM,
+    // which may already have it in a memory slot, follows through its MMU notifier).
     let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
     if r != 0 {
         // Not anonymous memory after all: write the zeros.
