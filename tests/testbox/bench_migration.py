@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import box as tb  # noqa: E402
-from bench_snapshot import disconnect, qmp_connect, stamp  # noqa: E402
+from bench_snapshot import disconnect, qmp_connect, stamp, wait_completed  # noqa: E402
 
 MEM_MIB = 256
 CPUS = 2
@@ -85,14 +85,7 @@ async def migrate(src_port: int, dst_port: int) -> dict:
         await qmp.execute("migrate-set-parameters", PARAMS)
         t0 = time.monotonic()
         await qmp.execute("migrate", {"uri": DEST})
-        while True:
-            info = await qmp.execute("query-migrate")
-            st = info.get("status")
-            if st == "completed":
-                break
-            if st in ("failed", "cancelled") or time.monotonic() - t0 > TIMEOUT:
-                raise tb.BoxError(f"migration did not complete: {info}")
-            await asyncio.sleep(0.02)
+        info = await wait_completed(qmp, t0, TIMEOUT)
         wall = time.monotonic() - t0
         await qmp.execute("quit")
         ram = info.get("ram", {})

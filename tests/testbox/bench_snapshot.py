@@ -115,6 +115,19 @@ async def disconnect(qmp: QMPClient) -> None:
         pass
 
 
+async def wait_completed(qmp: QMPClient, t0: float, timeout: float) -> dict:
+    """Polls query-migrate every 20 ms until `completed` (its final info); BoxError when it
+    fails, is cancelled, or takes more than `timeout` seconds from `t0` (time.monotonic())."""
+    while True:
+        info = await qmp.execute("query-migrate")
+        st = info.get("status")
+        if st == "completed":
+            return info
+        if st in ("failed", "cancelled") or time.monotonic() - t0 > timeout:
+            raise tb.BoxError(f"migration did not complete: {info}")
+        await asyncio.sleep(0.02)
+
+
 async def qmp_save(port: int, uri: str) -> dict:
     """migrate, poll query-migrate until completed, quit. Returns times and the final info."""
     qmp = await qmp_connect(port)
@@ -125,14 +138,7 @@ async def qmp_save(port: int, uri: str) -> dict:
         t0 = time.monotonic()
         await asyncio.wait_for(qmp.execute("migrate", {"uri": uri}), SAVE_TIMEOUT)
         t_cmd = time.monotonic() - t0
-        while True:
-            info = await qmp.execute("query-migrate")
-            st = info.get("status")
-            if st == "completed":
-                break
-            if st in ("failed", "cancelled") or time.monotonic() - t0 > SAVE_TIMEOUT:
-                raise tb.BoxError(f"migration did not complete: {info}")
-            await asyncio.sleep(0.02)
+        info = await wait_completed(qmp, t0, SAVE_TIMEOUT)
         wall = time.monotonic() - t0
         await qmp.execute("quit")
         return {"save_wall_ms": wall * 1000, "migrate_cmd_ms": t_cmd * 1000,
